@@ -1,0 +1,225 @@
+"""The ONE accelerator layer: device choice, collective backend, autocast, sync, memory, seeding, peak FLOP/s.
+
+Everything else in zili asks this module about the device; nothing outside it calls `torch.cuda.*` or a
+vendor module. The same code path serves CUDA/ROCm, Ascend (torch_npu), Cambricon (torch_mlu), Moore
+Threads (torch_musa), Intel XPU, Apple MPS and CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import platform
+import resource
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zili.errors import UserError
+
+# Vendor plugins that register a device type with PyTorch when imported (only if installed).
+VENDOR_PLUGINS = {"npu": "torch_npu", "mlu": "torch_mlu", "musa": "torch_musa"}
+# Collective backend per device type (ROCm builds report "cuda" and ship rccl under the nccl name).
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "mlu": "cncl", "musa": "mccl", "xpu": "xccl", "cpu": "gloo", "mps": "gloo"}
+
+CHIPS_FILE = Path(__file__).with_name("chips.toml")
+
+
+def cache_dir() -> Path:
+    """Where zili caches probes, demo data and tokenizers ($ZILI_CACHE, default ~/.cache/zili)."""
+    path = Path(os.environ.get("ZILI_CACHE", Path.home() / ".cache" / "zili"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_vendor_plugins() -> None:
+    for module in VENDOR_PLUGINS.values():
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def _module_for(device_type: str):
+    """torch.cuda, torch.npu, torch.xpu ... (None for cpu)."""
+    return None if device_type == "cpu" else getattr(torch, device_type, None)
+
+
+def detect_device_type() -> str:
+    """The best available device type: an accelerator if PyTorch sees one, else 'cpu'."""
+    _load_vendor_plugins()
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator().type
+    for device_type in ("cuda", "npu", "mlu", "musa", "xpu", "mps"):
+        module = _module_for(device_type)
+        if module is not None and getattr(module, "is_available", lambda: False)():
+            return device_type
+    return "cpu"
+
+
+@dataclass
+class Accelerator:
+    """One process's device. `device` already carries the LOCAL_RANK index for accelerators."""
+
+    device: torch.device
+
+    @property
+    def type(self) -> str:
+        return self.device.type
+
+    @property
+    def backend(self) -> str:
+        """torch.distributed backend for this device type."""
+        return BACKENDS.get(self.type, "gloo")
+
+    def supports_bf16(self) -> bool:
+        if self.type == "cpu":
+            return True
+        module = _module_for(self.type)
+        check = getattr(module, "is_bf16_supported", None)
+        return bool(check()) if check is not None else True
+
+    def compute_dtype(self, name: str) -> torch.dtype:
+        """'bf16' -> torch.bfloat16 where supported (else fp32, with a warning); 'fp32' -> torch.float32."""
+        if name == "bf16":
+            if self.supports_bf16():
+                return torch.bfloat16
+            print(f"warning: {self.type} does not support bf16 here; computing in fp32")
+        return torch.float32
+
+    def autocast(self, dtype: torch.dtype):
+        """Mixed-precision context for the forward pass; a no-op for fp32."""
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=dtype)
+
+    def synchronize(self) -> None:
+        module = _module_for(self.type)
+        if module is not None and hasattr(module, "synchronize"):
+            module.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        module = _module_for(self.type)
+        if module is not None and hasattr(module, "reset_peak_memory_stats"):
+            module.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gb(self) -> float:
+        """Peak device memory allocated (GB = 1e9 bytes); on CPU the process's peak resident set."""
+        module = _module_for(self.type)
+        if module is not None and hasattr(module, "max_memory_allocated"):
+            return module.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+    def seed(self, seed: int) -> None:
+        """Seed torch's CPU and device generators."""
+        torch.manual_seed(seed)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """Generator states as uint8 tensors (checkpointable without pickling)."""
+        state = {"cpu": torch.get_rng_state()}
+        module = _module_for(self.type)
+        if module is not None and hasattr(module, "get_rng_state"):
+            state[self.type] = module.get_rng_state(self.device).cpu()
+        return state
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"].cpu())
+        module = _module_for(self.type)
+        if self.type in state and module is not None and hasattr(module, "set_rng_state"):
+            module.set_rng_state(state[self.type].cpu(), self.device)
+
+    def chip_name(self) -> str:
+        """A human name of the device (GPU model, or the CPU model)."""
+        module = _module_for(self.type)
+        if module is not None and hasattr(module, "get_device_name"):
+            return module.get_device_name(self.device)
+        return _cpu_model_name()
+
+    def peak_flops(self, dtype: torch.dtype) -> float:
+        """Peak dense FLOP/s of this device at `dtype`: the chip table's row, or (CPU, unknown chip) a
+        measured matmul probe cached per machine."""
+        row = chip_row_for(self.chip_name())
+        key = "bf16_tflops" if dtype == torch.bfloat16 else "fp32_tflops"
+        if row is not None and key in row:
+            return row[key] * 1e12
+        return measured_matmul_flops(self.device, dtype)
+
+
+def get_accelerator(requested: str = "auto", local_rank: int | None = None) -> Accelerator:
+    """The device for this process. `requested` is 'auto' or a torch device string; accelerators get
+    index LOCAL_RANK unless the string names one."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_type = detect_device_type() if requested == "auto" else requested.split(":")[0]
+    if requested != "auto":
+        _load_vendor_plugins()
+        try:
+            torch.device(requested)
+        except RuntimeError:
+            raise UserError(f"training.device {requested!r} is not a torch device — use auto, cpu, cuda, npu, xpu, mps ...") from None
+        module = _module_for(device_type)
+        if device_type != "cpu" and (module is None or not module.is_available()):
+            raise UserError(f"training.device {requested!r} is not available on this machine — use --training.device=auto")
+    if device_type == "cpu":
+        return Accelerator(torch.device("cpu"))
+    index = int(requested.split(":")[1]) if ":" in requested else local_rank
+    device = torch.device(device_type, index)
+    module = _module_for(device_type)
+    if hasattr(module, "set_device"):
+        module.set_device(device)
+    return Accelerator(device)
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def load_chips() -> dict[str, dict]:
+    """The chip table: row name -> fields (see chips.toml)."""
+    return tomllib.loads(CHIPS_FILE.read_text())["chip"]
+
+
+def chip_row_for(device_name: str) -> dict | None:
+    """The chip-table row whose `match` strings all occur in the device's name, if any."""
+    for name, row in load_chips().items():
+        patterns = row.get("match", [])
+        if patterns and all(p.lower() in device_name.lower() for p in patterns):
+            return {"name": name, **row}
+    return None
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of a square matmul on `device` — the practical peak of a CPU. Cached per machine,
+    thread count, torch version and dtype in cache_dir()/peak_flops.json."""
+    key = f"{_cpu_model_name()}|{torch.get_num_threads()}|{torch.__version__}|{device.type}|{dtype}"
+    cache = cache_dir() / "peak_flops.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    flops = 2 * size**3 * runs / (time.perf_counter() - start)
+    known[key] = flops
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    tmp.replace(cache)
+    return flops

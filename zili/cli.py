@@ -1,0 +1,109 @@
+"""`zili` command line: argument parsing only, then calls into the packages.
+
+User errors (zili.errors.UserError) print one line, `error: what is wrong — how to fix it`, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zili.errors import UserError
+
+DESCRIPTION = """zili: train large language models on any accelerator.
+
+  zili train [--config F] [--section.key=value ...]   train (no arguments: the CPU demo)
+  zili generate RUN_DIR --prompt TEXT                  sample from a trained run
+  zili data prepare --input PATHS --tokenizer DIR --output DIR
+  zili data train-tokenizer --input PATHS --vocab-size N --output DIR
+
+Distributed: torchrun --nproc-per-node N -m zili train ...
+"""
+
+
+def _train(argv: list[str]) -> None:
+    from zili.config import describe, load_config, parse_overrides
+
+    parser = argparse.ArgumentParser(
+        prog="zili train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model. With no arguments: the demo (tiny model, Shakespeare, CPU-sized).",
+        epilog="config keys (TOML sections, or --section.key=value overrides; defaults shown):\n" + describe(),
+    )
+    parser.add_argument("--config", help="TOML file with [section] tables; overrides apply on top")
+    known, rest = parser.parse_known_args(argv)
+    cfg = load_config(known.config, parse_overrides(rest))
+    from zili.train.trainer import train
+
+    train(cfg)
+
+
+def _generate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="zili generate", description="Generate text from a trained run's checkpoint.")
+    parser.add_argument("run_dir", help="run directory (with checkpoints/ and tokenizer/)")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy and deterministic (default 0.8)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--device", default="auto", help="device (default auto)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --max-new-tokens >= 0, --temperature >= 0 and 0 < --top-p <= 1")
+    from zili.infer.run import generate_text
+
+    print(generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                        args.step, args.device))
+
+
+def _data(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="zili data", description="Prepare training data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="tokenize text/JSONL files into token shards plus a manifest")
+    prep.add_argument("--input", nargs="+", required=True, help="files or directories (.jsonl: one document per line)")
+    prep.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
+    prep.add_argument("--output", required=True, help="new directory for shards and manifest.json")
+    prep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
+    tok.add_argument("--input", nargs="+", required=True, help="files or directories")
+    tok.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    tok.add_argument("--output", required=True, help="directory to write tokenizer.json into")
+    tok.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        from zili.data.prepare import prepare
+
+        manifest = prepare(args.input, args.tokenizer, args.output, text_key=args.text_key)
+        print(f"wrote {manifest['total_tokens']} tokens in {len(manifest['shards'])} shard(s) to {args.output}")
+    else:
+        from zili.data.documents import find_files, read_documents
+        from zili.data.tokenizer import train_bpe
+
+        tokenizer = train_bpe(read_documents(find_files(args.input), args.text_key), args.vocab_size)
+        tokenizer.save(args.output)
+        print(f"wrote a {tokenizer.vocab_size}-token tokenizer to {args.output}")
+
+
+COMMANDS = {"train": _train, "generate": _generate, "data": _data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            argv = ["train"]
+        else:
+            print(DESCRIPTION)
+            return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} — use one of: {', '.join(COMMANDS)} (zili --help)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        COMMANDS[command](rest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

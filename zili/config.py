@@ -1,0 +1,296 @@
+"""Run configuration: typed dataclass sections, TOML in and out, `--section.key=value` overrides.
+
+Contract:
+- `load_config(path, overrides)` returns a validated `Config`; any mistake raises `UserError` with one
+  line naming the key and what is allowed.
+- The defaults ARE the demo: `zili train` with no arguments trains the `tiny` preset on the demo corpus.
+- `Config.to_toml()` writes the resolved config; `load_config` of that file gives the same config back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zili.errors import UserError
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("tiny", "named architecture (see `zili.models.presets`)")
+    n_layers: int | None = _f(None, "override the preset's number of decoder blocks")
+    dim: int | None = _f(None, "override the hidden size")
+    n_heads: int | None = _f(None, "override the number of attention (query) heads")
+    n_kv_heads: int | None = _f(None, "override the number of key/value heads (GQA); must divide n_heads")
+    ffn_dim: int | None = _f(None, "override the SwiGLU inner size")
+    vocab_size: int | None = _f(None, "override the vocabulary size (tiny: taken from the tokenizer)")
+    rope_theta: float | None = _f(None, "override the RoPE base")
+    qkv_bias: bool | None = _f(None, "override: bias on the q/k/v projections (Qwen2 style)")
+    tied_embeddings: bool | None = _f(None, "override: share the input embedding with the output head")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("demo", "'demo' (Shakespeare, prepared on first use) or a directory from `zili data prepare`")
+    val_fraction: float = _f(0.01, "fraction of the packed sequences held out for validation")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = _f(400, "optimizer steps to train")
+    seed: int = _f(1234, "seed for initialisation, data order and sampling")
+    device: str = _f("auto", "'auto' or a torch device string (cpu, cuda, cuda:1, npu, xpu, mps ...)")
+    batch_size: int = _f(16, "global batch, in sequences, per optimizer step")
+    micro_batch_size: int = _f(0, "sequences per forward/backward; 0 = the whole batch (no accumulation)")
+    seq_len: int = _f(256, "tokens per training sequence")
+    dtype: str = _f("bf16", "compute dtype under autocast; master weights stay fp32", ("bf16", "fp32"))
+    run_dir: str = _f("", "where config, metrics and checkpoints go; empty = runs/<timestamp>")
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass")
+    compile: bool = _f(False, "torch.compile each decoder block")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    eval_every: int = _f(100, "validate every N steps (and at step 0 and the end); 0 = never")
+    eval_batches: int = _f(4, "batches of `batch_size` sequences per validation")
+    exit_after: int = _f(0, "stop (after a checkpoint) once this many steps ran in this process; 0 = off")
+    sample_tokens: int = _f(120, "tokens to generate as a sample at the end; 0 = none")
+    sample_prompt: str = _f("ROMEO:", "prompt of the final sample")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = _f("adamw", "optimizer", ("adamw",))
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr")
+    weight_decay: float = _f(0.1, "decoupled weight decay on matrices (not norms, biases)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", ("cosine", "wsd", "constant"))
+    warmup_steps: int = _f(30, "linear warmup steps")
+    decay_fraction: float = _f(0.2, "wsd: fraction of all steps spent in the final linear decay")
+    implementation: str = _f("auto", "AdamW kernel", ("auto", "fused", "foreach", "for-loop"))
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "save every N steps (and always at the end); 0 = only at the end")
+    keep: int = _f(2, "keep the newest K complete checkpoints")
+    resume: str = _f("none", "'none', 'auto' (newest in run_dir) or a checkpoint directory")
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = _f(10, "append a line to metrics.jsonl every N steps (and at the last)")
+    progress: bool = _f(True, "show a progress bar on the console")
+
+
+@dataclass
+class ParallelismConfig:
+    dp_replicate: int = _f(1, "data-parallel replicas (HSDP outer dimension)")
+    dp_shard: int = _f(-1, "FSDP shard degree; -1 = whatever the world size leaves")
+    tp: int = _f(1, "tensor-parallel degree")
+    pp: int = _f(1, "pipeline-parallel degree")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "optimizer": OptimizerConfig,
+    "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig,
+    "parallelism": ParallelismConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for name in SECTIONS:
+            lines.append(f"[{name}]")
+            for f in dataclasses.fields(getattr(self, name)):
+                value = getattr(getattr(self, name), f.name)
+                if value is not None:
+                    lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _base_type(annotation) -> type:
+    """`int | None` -> int; plain types unchanged."""
+    hint = eval(annotation, {}, {}) if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(key: str, kind: type, value, from_text: bool):
+    """Convert `value` to `kind`, raising UserError naming `key` when it does not fit."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if from_text and str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text:
+            try:
+                return int(str(value).replace("_", ""))
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (dict, list)):
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _set(cfg: Config, key: str, value, from_text: bool) -> None:
+    section_name, _, name = key.partition(".")
+    if section_name not in SECTIONS or not name:
+        raise UserError(f"unknown config key '{key}' — sections are: {', '.join(SECTIONS)} (e.g. training.steps)")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise UserError(f"unknown config key '{key}' — [{section_name}] has: {', '.join(fields)}")
+    f = fields[name]
+    coerced = _coerce(key, _base_type(f.type), value, from_text)
+    choices = f.metadata.get("choices")
+    if choices and coerced not in choices:
+        raise UserError(f"{key}: {coerced!r} is not allowed — choose one of {', '.join(choices)}")
+    setattr(section, name, coerced)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`['--training.steps=5', '--optimizer.lr', '1e-3']` -> [('training.steps', '5'), ('optimizer.lr', '1e-3')]."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unexpected argument '{arg}' — overrides look like --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise UserError(f"'{arg}' needs a value — write {arg}=VALUE")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then the overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} not found — pass an existing TOML file to --config")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: not valid TOML ({e}) — fix the file") from None
+        for section_name, table in data.items():
+            if not isinstance(table, dict):
+                raise UserError(f"{path}: '{section_name}' must be a [section] table — sections are: {', '.join(SECTIONS)}")
+            for name, value in table.items():
+                _set(cfg, f"{section_name}.{name}", value, from_text=False)
+    for key, value in overrides:
+        _set(cfg, key, value, from_text=True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that do not need the model or the device; raise UserError on the first problem."""
+    t, o, c, m = cfg.training, cfg.optimizer, cfg.checkpoint, cfg.metrics
+    positive = {
+        "training.steps": t.steps, "training.batch_size": t.batch_size, "training.seq_len": t.seq_len,
+        "optimizer.lr": o.lr, "checkpoint.keep": c.keep, "metrics.log_every": m.log_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "training.micro_batch_size": t.micro_batch_size, "training.grad_clip": t.grad_clip,
+        "training.eval_every": t.eval_every, "training.exit_after": t.exit_after,
+        "training.sample_tokens": t.sample_tokens, "optimizer.weight_decay": o.weight_decay,
+        "optimizer.warmup_steps": o.warmup_steps, "optimizer.eps": o.eps, "checkpoint.every": c.every,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{key} must be >= 0, got {value}")
+    if t.eval_every and t.eval_batches <= 0:
+        raise UserError(f"training.eval_batches must be positive when validating, got {t.eval_batches}")
+    for key, value in {"optimizer.beta1": o.beta1, "optimizer.beta2": o.beta2}.items():
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{key} must be in [0, 1), got {value}")
+    for key, value in {"optimizer.min_lr_ratio": o.min_lr_ratio, "optimizer.decay_fraction": o.decay_fraction}.items():
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{key} must be in [0, 1], got {value}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        raise UserError(
+            f"training.batch_size ({t.batch_size}) must be a multiple of training.micro_batch_size ({t.micro_batch_size})"
+        )
+    for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        value = getattr(cfg.model, key)
+        if value is not None and value <= 0:
+            raise UserError(f"model.{key} must be positive, got {value}")
+    from zili.models.presets import resolve
+
+    resolve(cfg.model, tokenizer_vocab=1)  # architecture checks now, before any data is read
+
+
+def describe() -> str:
+    """Every key with its default and help, for `zili train --help`."""
+    lines = []
+    defaults = Config()
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, name), f.name)
+            shown = "(preset)" if default is None else _toml_value(default)
+            choices = f.metadata.get("choices")
+            extra = f" {{{', '.join(choices)}}}" if choices else ""
+            lines.append(f"  --{name}.{f.name:<26} {shown:<10} {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

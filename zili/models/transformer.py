@@ -1,0 +1,213 @@
+"""A decoder-only transformer covering the Llama 3 and Qwen2 families, in plain PyTorch.
+
+RMSNorm -> grouped-query attention with RoPE (through scaled_dot_product_attention) -> RMSNorm -> SwiGLU,
+each with a residual connection; optional q/k/v bias (Qwen2), tied or untied output head.
+
+Rotary layout: half-split (GPT-NeoX / Hugging Face), i.e. the feature pairs rotated together are
+(i, i + head_dim/2), not the interleaved (2i, 2i+1) pairs of Meta's original checkpoints. Hugging Face
+weights therefore load without permuting q/k rows.
+
+Contract: `Transformer(args)(tokens[B, T], start_pos=0, cache=None) -> logits[B, T, vocab]`.
+The model knows nothing of parallelism: FSDP, tensor/pipeline parallelism, activation checkpointing and
+compilation are applied from outside (zili.parallel). It can be built on the meta device and
+materialised later with `to_empty(device=...)` followed by `init_weights()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zili.models.args import ModelArgs
+
+
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in radians per position, with Llama 3 scaling if asked."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
+    if args.rope_scaling == "llama3":
+        low_wavelen = args.rope_original_max_len / args.rope_low_freq_factor
+        high_wavelen = args.rope_original_max_len / args.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (args.rope_original_max_len / wavelen - args.rope_low_freq_factor) / (
+            args.rope_high_freq_factor - args.rope_low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / args.rope_factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / args.rope_factor, inv_freq)
+        middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(middle, blended, inv_freq)
+    return inv_freq.float()
+
+
+def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
+    """cos and sin for every position: (2, max_seq_len, head_dim), fp32, half-split layout."""
+    inv_freq = rope_frequencies(args, device)
+    positions = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+DEV = dict(norm_cast=True, rope="new", attn="matmul")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by position; cos/sin are (T, head_dim)."""
+    half = x.shape[-1] // 2
+    if DEV["rope"] == "old":
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos + rotated * sin).to(x.dtype)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[:, :half], sin[:, :half]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v with plain batched matmuls, in q's dtype (softmax accumulates
+    in fp32). q (B, H, T, d); k, v (B, KV, T, d), each KV head serving H/KV consecutive query heads."""
+    B, H, T, d = q.shape
+    kv = k.shape[1]
+    group = H // kv
+    q = q.reshape(B * kv, group * T, d)  # the query heads sharing one KV head become one long row block
+    k, v = k.reshape(B * kv, T, d), v.reshape(B * kv, T, d)
+    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+    mask = mask.repeat(group, 1)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(d))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.bmm(probs, v)
+    return out.view(B, H, T, d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        if DEV["norm_cast"] and torch.is_autocast_enabled(x.device.type):
+            return out.to(torch.get_autocast_dtype(x.device.type))
+        return out.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of past positions for generation: per layer (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v for positions start..start+T; return all keys/values up to start+T."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if start_pos > 0:  # queries at start_pos.. see every cached key up to their own position
+                causal = False
+                key_pos = torch.arange(k.shape[2], device=x.device)
+                query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+                mask = key_pos[None, :] <= query_pos[:, None]
+        if DEV["attn"] == "matmul" and cache is None and x.device.type == "cpu" and T > 1:
+            return self.o_proj(causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+        if DEV["attn"] == "gqa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = SwiGLU(args.dim, args.ffn_dim)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        # A dict keyed "0".."n-1" keeps parameter names stable when a pipeline stage drops blocks.
+        self.blocks = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope", rope_table(args), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        T = tokens.shape[1]
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope[0, start_pos : start_pos + T], self.rope[1, start_pos : start_pos + T]
+        h = self.embed(tokens)
+        for block in self.blocks.values():
+            h = block(h, cos, sin, cache, start_pos)
+        h = self.norm(h)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter (normal 0.02; output projections scaled by 1/sqrt(2 n_layers)) and
+        recompute the RoPE table, e.g. after `to_empty`."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        self.rope.copy_(rope_table(self.args, device=self.rope.device))
+        out_std = 0.02 / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.normal_(0.0, std, generator=gen)

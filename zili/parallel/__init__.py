@@ -1,0 +1,1 @@
+"""Parallelism and other whole-model transforms, applied to a model from outside."""

@@ -1,0 +1,142 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP): atomic, complete-only, with retention.
+
+Layout: RUN_DIR/checkpoints/step-NNNNNNN/ holds the DCP files (`.metadata`, `*.distcp`) and `meta.json`
+(step, model architecture). A checkpoint is written into a hidden temporary directory next to it and
+renamed into place only when every file is written, so a `step-*` directory is always complete.
+
+State saved: `model` and `optim` (fully-qualified-name keyed, via torch.distributed.checkpoint.state_dict,
+so they reshard across layouts), and `trainer`: a flat dict of tensors (step, loader position, RNG
+states). Everything is a tensor: nothing is pickled, nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from zili.errors import UserError
+
+PREFIX = "step-"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns when no process group exists; single-process use is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if "Error" in line or "mismatch" in line]
+    return (lines[-1] if lines else str(error).strip().splitlines()[0])[:200]
+
+
+def check_compatible(path: Path, model_args: dict) -> None:
+    """UserError naming the architecture fields where checkpoint `path` differs from `model_args`."""
+    saved = read_meta(path).get("model", {})
+    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in model_args.items() if saved.get(k) != v]
+    if differ:
+        raise UserError(f"checkpoint {path} was written for another model: {', '.join(differ)} — "
+                        "resume with the model config it was trained with, or start a new run_dir")
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "meta.json").is_file() and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve(run_dir: Path, step: int | None = None) -> Path:
+    """The checkpoint of `step` (newest if None); UserError if there is none."""
+    found = list_checkpoints(run_dir)
+    if step is not None:
+        found = [p for p in found if p.name == step_dir(run_dir, step).name]
+    if not found:
+        what = f"checkpoint for step {step}" if step is not None else "complete checkpoint"
+        raise UserError(f"no {what} in {Path(run_dir) / 'checkpoints'} — train first, or pass a run directory that has one")
+    return found[-1]
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Collective under torch.distributed."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if _is_writer():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
+    if _is_writer():
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, model, optimizer, trainer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load model, optimizer and trainer state from `path` in place; `trainer_state` gives the keys and
+    shapes expected and is returned filled."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # DCP raises many kinds for a mismatched checkpoint
+        raise UserError(f"checkpoint {path} does not fit this model/optimizer ({_first_line(e)}) — "
+                        "resume with the config it was written with") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return state["trainer"]
+
+
+def load_model(path: Path, model) -> None:
+    """Load only the model weights from `path` (for inference and export)."""
+    model_sd = get_model_state_dict(model, options=StateDictOptions())
+    state = {"model": model_sd}
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise UserError(f"checkpoint {path} does not fit this model ({_first_line(e)})") from None
+    set_model_state_dict(model, state["model"])
