@@ -73,7 +73,7 @@ class OptimizerConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     schedule: str = _f("cosine", "learning-rate schedule after warmup", ("cosine", "wsd", "constant"))
-    warmup_steps: int = _f(30, "linear warmup steps")
+    warmup_steps: int = _f(20, "linear warmup steps")
     decay_fraction: float = _f(0.2, "wsd: fraction of all steps spent in the final linear decay")
     implementation: str = _f("auto", "AdamW kernel", ("auto", "fused", "foreach", "for-loop"))
 

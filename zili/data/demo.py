@@ -15,7 +15,7 @@ line endings are normalised to "\\n".
 Vocabulary: VOCAB_SIZE = 2048 tokens. On this corpus 2048 gives ~2.7 characters per token against ~3.1
 for 4096, but halves the embedding and output layers and leaves far fewer rare tokens (259 ids are seen
 fewer than 50 times, against 753 at 4096), so every embedding row gets trained within the few hundred
-steps a 6-layer, dim-384 model manages in ~3 minutes on a CPU. We judge that worth the ~12% more tokens
+steps a small model (the `tiny` preset) manages in ~3 minutes on a CPU. We judge that worth the ~12% more tokens
 per text (a judgement from these corpus statistics, not from training runs).
 
 Cache: `cache_dir() / "demo-shakespeare-v1"`, a prepared dataset (see `prepare.py`) with its tokenizer in

@@ -16,7 +16,7 @@ _LLAMA31_SCALING = dict(rope_scaling="llama3", rope_factor=8.0, rope_low_freq_fa
                         rope_high_freq_factor=4.0, rope_original_max_len=8192, max_seq_len=131072)
 
 PRESETS: dict[str, ModelArgs] = {
-    "tiny": ModelArgs(n_layers=6, dim=384, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=0,
+    "tiny": ModelArgs(n_layers=4, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=768, vocab_size=0,
                       rope_theta=10000.0, tied_embeddings=True, max_seq_len=1024),
     # Qwen2 (Qwen Team 2024, config.json of Qwen/Qwen2-*): 0.494 B, 1.544 B, 7.616 B, 72.71 B parameters.
     "qwen2-0.5b": ModelArgs(n_layers=24, dim=896, n_heads=14, n_kv_heads=2, ffn_dim=4864, vocab_size=151936,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from zili import __version__
-from zili.accel import Accelerator, get_accelerator
+from zili.accel import Accelerator, get_accelerator, tune_cpu_allocator
 from zili.config import Config
 from zili.data.loader import Loader, PackedDataset
 from zili.data.tokenizer import Tokenizer
@@ -49,8 +49,8 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 @torch.no_grad()
-def validate(model, loader: Loader, accel: Accelerator, dtype: torch.dtype, n_batches: int) -> float:
-    """Mean loss over the fixed validation batches (nats/token)."""
+def validate(model, loader: Loader, accel: Accelerator, dtype: torch.dtype, n_batches: int) -> float | None:
+    """Mean loss over the fixed validation batches (nats/token); None without a validation split."""
     model.eval()
     total = torch.zeros((), device=accel.device)
     count = 0
@@ -60,7 +60,7 @@ def validate(model, loader: Loader, accel: Accelerator, dtype: torch.dtype, n_ba
         total += lm_loss(logits, targets.to(accel.device))
         count += 1
     model.train()
-    return float(total) / max(count, 1)
+    return float(total) / count if count else None
 
 
 class Trainer:
@@ -71,6 +71,8 @@ class Trainer:
         t = cfg.training
         self.accel = get_accelerator(t.device)
         self.dtype = self.accel.compute_dtype(t.dtype)
+        if self.accel.type == "cpu":
+            tune_cpu_allocator()
         self.dataset = PackedDataset(dataset_dir(cfg))
         self.tokenizer = Tokenizer.load(self.dataset.tokenizer_dir)
         self.args = resolve(cfg.model, self.tokenizer.vocab_size)
@@ -146,7 +148,7 @@ class Trainer:
         tokens_per_step = t.batch_size * t.seq_len
         autocast = lambda: self.accel.autocast(self.dtype)  # noqa: E731
 
-        if self.step == 0 and t.eval_every:
+        if self.step == 0 and t.eval_every and self.loader.n_val:
             val = validate(self.model, self.loader, self.accel, self.dtype, t.eval_batches)
             log.write({"step": 0, "loss": None, "lr": None, "grad_norm": None, "tokens_per_s": None,
                        "mfu": None, "peak_mem_gb": None, "val_loss": val})
@@ -171,7 +173,7 @@ class Trainer:
                           "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak,
                           "peak_mem_gb": self.accel.peak_memory_gb()}
                 timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
-                if t.eval_every and (self.step % t.eval_every == 0 or last):
+                if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
                     record["val_loss"] = validate(self.model, self.loader, self.accel, self.dtype, t.eval_batches)
                 log.write(record)
                 if not math.isfinite(loss_value):
