@@ -16,7 +16,7 @@ def assert_user_error(proc, fragment):
     (["train", "--config", "missing.toml"], "missing.toml"),
     (["train", "--training.stepz=3"], "training.stepz"),
     (["train", "--optimizer.lr=-0.1"], "optimizer.lr must be positive"),
-    (["train", "--model.n_heads=6", "--model.n_kv_heads=4"], "n_kv_heads"),
+    (["train", "--model.n_heads=4", "--model.n_kv_heads=3"], "n_kv_heads"),
     (["train", "--data.dataset=no/such/dir"], "no/such/dir"),
     (["generate", "no/such/run", "--prompt", "hi"], "no/such/run"),
     (["frobnicate"], "unknown command"),
