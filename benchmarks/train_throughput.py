@@ -40,7 +40,7 @@ from zili.config import OptimizerConfig  # noqa: E402
 from zili.models.args import ModelArgs  # noqa: E402
 from zili.models.transformer import Transformer  # noqa: E402
 from zili.train.optim import build_optimizer  # noqa: E402
-from zili.accel import tune_cpu_allocator  # noqa: E402
+from zili.accel import cpu_model_name, tune_cpu_allocator  # noqa: E402
 from zili.train.step import train_step  # noqa: E402
 
 
@@ -65,16 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tied", action="store_true", help="tie input embedding and output head (both sides)")
     p.add_argument("--no-hf", action="store_true", help="zili only (no transformers needed)")
     return p.parse_args(argv)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def zili_side(args: ModelArgs, device, inputs, targets, autocast, compiled: bool):
@@ -183,7 +173,7 @@ def main(argv=None) -> dict:
                   "qkv_bias": True, "tied_embeddings": args.tied_embeddings},
         "batch": opts.batch, "seq_len": opts.seq, "tokens_per_step": n_tokens,
         "precision": "bf16 autocast, fp32 master weights", "optimizer": "AdamW (zili: build_optimizer, fused; transformers: torch.optim.AdamW defaults)",
-        "grad_clip": 1.0, "device": device.type, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "grad_clip": 1.0, "device": device.type, "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
         "allocator": allocator, "torch": torch.__version__, "python": platform.python_version(),
         "warmup_steps": opts.warmup, "measured_steps": opts.steps, "interleaved": True,
     }

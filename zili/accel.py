@@ -139,7 +139,7 @@ class Accelerator:
         module = _module_for(self.type)
         if module is not None and hasattr(module, "get_device_name"):
             return module.get_device_name(self.device)
-        return _cpu_model_name()
+        return cpu_model_name()
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         """Peak dense FLOP/s of this device at `dtype`: the chip table's row, or (CPU, unknown chip) a
@@ -176,7 +176,7 @@ def get_accelerator(requested: str = "auto", local_rank: int | None = None) -> A
     return Accelerator(device)
 
 
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -203,7 +203,7 @@ def chip_row_for(device_name: str) -> dict | None:
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
     """Achieved FLOP/s of a square matmul on `device` — the practical peak of a CPU. Cached per machine,
     thread count, torch version and dtype in cache_dir()/peak_flops.json."""
-    key = f"{_cpu_model_name()}|{torch.get_num_threads()}|{torch.__version__}|{device.type}|{dtype}"
+    key = f"{cpu_model_name()}|{torch.get_num_threads()}|{torch.__version__}|{device.type}|{dtype}"
     cache = cache_dir() / "peak_flops.json"
     try:
         known = json.loads(cache.read_text())
