@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
             losses[name].append(loss)
 
     n_tokens = opts.batch * opts.seq
-    result = {
+    result: dict = {
         "benchmark": "train_throughput",
         "model": {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
                   "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size,
@@ -185,6 +185,7 @@ def main(argv=None) -> dict:
         result[name] = summary(times[name], n_tokens)
         result[name]["first_step_s"] = first_step_s.get(name)
         result[name]["loss_first_last"] = [round(losses[name][0], 4), round(losses[name][-1], 4)]
+        result[name]["step_s_per_round"] = [round(t, 3) for t in times[name]]
     if "transformers" in times:
         for name in [n for n in names if n.startswith("zili")]:
             per_round = [hf / z for hf, z in zip(times["transformers"], times[name])]
