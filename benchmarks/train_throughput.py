@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from zili.accel import cpu_model_name, tune_cpu_allocator  # noqa: E402
 from zili.config import OptimizerConfig  # noqa: E402
 from zili.models.args import ModelArgs  # noqa: E402
 from zili.models.transformer import Transformer  # noqa: E402
 from zili.train.optim import build_optimizer  # noqa: E402
-from zili.accel import cpu_model_name, tune_cpu_allocator  # noqa: E402
 from zili.train.step import train_step  # noqa: E402
 
 
@@ -172,7 +172,8 @@ def main(argv=None) -> dict:
                   "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size,
                   "qkv_bias": True, "tied_embeddings": args.tied_embeddings},
         "batch": opts.batch, "seq_len": opts.seq, "tokens_per_step": n_tokens,
-        "precision": "bf16 autocast, fp32 master weights", "optimizer": "AdamW (zili: build_optimizer, fused; transformers: torch.optim.AdamW defaults)",
+        "precision": "bf16 autocast, fp32 master weights",
+        "optimizer": "AdamW (zili: build_optimizer, fused; transformers: torch.optim.AdamW defaults)",
         "grad_clip": 1.0, "device": device.type, "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
         "allocator": allocator, "torch": torch.__version__, "python": platform.python_version(),
         "warmup_steps": opts.warmup, "measured_steps": opts.steps, "interleaved": True,
