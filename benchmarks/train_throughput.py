@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from zili.accel import cpu_model_name, tune_cpu_allocator  # noqa: E402
+from zili.accel import Accelerator, cpu_model_name, tune_cpu_allocator  # noqa: E402
 from zili.config import OptimizerConfig  # noqa: E402
 from zili.models.args import ModelArgs  # noqa: E402
 from zili.models.transformer import Transformer  # noqa: E402
@@ -116,8 +116,7 @@ def timed(step, device) -> tuple[float, float]:
     t0 = time.perf_counter()
     loss = step()
     loss = float(loss)  # waits for the device
-    if device.type != "cpu" and hasattr(torch, device.type):
-        getattr(torch, device.type).synchronize()
+    Accelerator(device).synchronize()
     return time.perf_counter() - t0, loss
 
 
