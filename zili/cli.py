@@ -6,6 +6,7 @@ User errors (zili.errors.UserError) print one line, `error: what is wrong — ho
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from zili.errors import UserError
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         COMMANDS[command](rest)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -89,6 +89,7 @@ class CheckpointConfig:
 class MetricsConfig:
     log_every: int = _f(10, "append a line to metrics.jsonl every N steps (and at the last)")
     progress: bool = _f(True, "show a progress bar on the console")
+    log_sequence_ids: bool = _f(False, "add the global batch's sequence ids (`sequence_ids`) to each logged step")
 
 
 @dataclass
@@ -97,6 +98,12 @@ class ParallelismConfig:
     dp_shard: int = _f(-1, "FSDP shard degree; -1 = whatever the world size leaves")
     tp: int = _f(1, "tensor-parallel degree")
     pp: int = _f(1, "pipeline-parallel degree")
+    pp_schedule: str = _f("1F1B", "pipeline schedule (torch.distributed.pipelining)",
+                          ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble"))
+    pp_microbatches: int = _f(0, "micro-batches per pipeline step (the local batch is split); 0 = the number of stages")
+    pp_stages_per_rank: int = _f(0, "pipeline stages held by each pp rank; 0 = 1 for 1F1B/GPipe, 2 for the others")
+    sequence_parallel: bool = _f(True, "with tp > 1, shard norms and residuals along the sequence")
+    fsdp_cpu_offload: bool = _f(False, "keep FSDP-sharded parameters, gradients and optimizer state in host memory")
 
 
 SECTIONS = {
@@ -252,7 +259,8 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "training.micro_batch_size": t.micro_batch_size, "training.grad_clip": t.grad_clip,
         "training.eval_every": t.eval_every, "training.exit_after": t.exit_after,
-        "training.sample_tokens": t.sample_tokens, "optimizer.weight_decay": o.weight_decay,
+        "training.sample_tokens": t.sample_tokens, "parallelism.pp_microbatches": cfg.parallelism.pp_microbatches,
+        "parallelism.pp_stages_per_rank": cfg.parallelism.pp_stages_per_rank, "optimizer.weight_decay": o.weight_decay,
         "optimizer.warmup_steps": o.warmup_steps, "optimizer.eps": o.eps, "checkpoint.every": c.every,
     }
     for key, value in non_negative.items():
@@ -272,6 +280,12 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"training.batch_size ({t.batch_size}) must be a multiple of training.micro_batch_size ({t.micro_batch_size})"
         )
+    par = cfg.parallelism
+    for key in ("dp_replicate", "tp", "pp"):
+        if getattr(par, key) <= 0:
+            raise UserError(f"parallelism.{key} must be positive, got {getattr(par, key)}")
+    if par.dp_shard == 0 or par.dp_shard < -1:
+        raise UserError(f"parallelism.dp_shard must be positive or -1 (the rest of the world), got {par.dp_shard}")
     for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         value = getattr(cfg.model, key)
         if value is not None and value <= 0:

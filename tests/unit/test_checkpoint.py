@@ -26,9 +26,9 @@ def trained(seed, **kw):
 def test_round_trip_restores_model_optimizer_and_trainer_state(tmp_path):
     model, opt = trained(0)
     state = {"step": torch.tensor(7), "rng_cpu": torch.get_rng_state()}
-    checkpoint.save(tmp_path, 7, model, opt, state, {"model": model.args.to_dict()}, keep=2)
+    checkpoint.save(tmp_path, 7, [model], [opt], state, {"model": model.args.to_dict()}, keep=2)
     other, other_opt = trained(1)
-    loaded = checkpoint.load(checkpoint.resolve(tmp_path), other, other_opt,
+    loaded = checkpoint.load(checkpoint.resolve(tmp_path), [other], [other_opt],
                              {"step": torch.tensor(0), "rng_cpu": torch.zeros_like(state["rng_cpu"])})
     assert int(loaded["step"]) == 7 and torch.equal(loaded["rng_cpu"], state["rng_cpu"])
     for a, b in zip(model.parameters(), other.parameters()):
@@ -39,7 +39,7 @@ def test_round_trip_restores_model_optimizer_and_trainer_state(tmp_path):
 def test_retention_keeps_newest_and_leaves_no_temporaries(tmp_path):
     model, opt = trained(0)
     for step in (1, 2, 3, 4):
-        checkpoint.save(tmp_path, step, model, opt, {"step": torch.tensor(step)}, {}, keep=2)
+        checkpoint.save(tmp_path, step, [model], [opt], {"step": torch.tensor(step)}, {}, keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-0000003", "step-0000004"]
     assert checkpoint.resolve(tmp_path).name == "step-0000004"
@@ -48,7 +48,7 @@ def test_retention_keeps_newest_and_leaves_no_temporaries(tmp_path):
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     model, opt = trained(0)
-    checkpoint.save(tmp_path, 1, model, opt, {"step": torch.tensor(1)}, {}, keep=3)
+    checkpoint.save(tmp_path, 1, [model], [opt], {"step": torch.tensor(1)}, {}, keep=3)
     (tmp_path / "checkpoints" / ".tmp-step-0000002").mkdir()  # a save that died half-way
     (tmp_path / "checkpoints" / "step-0000003").mkdir()  # no metadata: not complete
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-0000001"]
@@ -56,7 +56,7 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 def test_mismatched_model_is_a_user_error(tmp_path):
     model, opt = trained(0)
-    checkpoint.save(tmp_path, 1, model, opt, {"step": torch.tensor(1)}, {"model": model.args.to_dict()}, keep=1)
+    checkpoint.save(tmp_path, 1, [model], [opt], {"step": torch.tensor(1)}, {"model": model.args.to_dict()}, keep=1)
     path = checkpoint.resolve(tmp_path)
     wider, wider_opt = trained(0, dim=64)
     with pytest.raises(UserError, match="another model: dim=32"):

@@ -11,13 +11,18 @@ weights therefore load without permuting q/k rows.
 
 Contract: `Transformer(args)(tokens[B, T], start_pos=0, cache=None) -> logits[B, T, vocab]`.
 The model knows nothing of parallelism: FSDP, tensor/pipeline parallelism, activation checkpointing and
-compilation are applied from outside (zili.parallel). It can be built on the meta device and
-materialised later with `to_empty(device=...)` followed by `init_weights()`.
+compilation are applied from outside (zili.parallel). A pipeline stage is the same class with some parts
+removed: without `embed` its input is the hidden state (B, T, dim) instead of token ids, without `norm`
+it returns the hidden state instead of logits. It can be built on the meta device and materialised later
+with `to_empty(device=...)` followed by `init_weights()`; each parameter's initial value depends only on
+the seed and its name (`initial_value`), so every layout and every pipeline stage starts from the same
+weights.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +96,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrapper prefixes that activation checkpointing or torch.compile insert."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -131,13 +141,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
+    def forward(self, x, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
+        """x (B, T, dim); rope the model's (2, max_seq_len, head_dim) cos/sin table; positions start at
+        `start_pos`. Head counts come from the projections' outputs (a tensor-parallel shard has fewer)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rope[0, start_pos : start_pos + T], rope[1, start_pos : start_pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        small = B * self.n_heads * T * T <= MATMUL_ATTENTION_MAX_SCORES
+        small = B * q.shape[1] * T * T <= MATMUL_ATTENTION_MAX_SCORES
         if cache is None and T > 1 and x.device.type == "cpu" and small and torch.is_grad_enabled():
             return self.o_proj(causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
         mask, causal = None, True
@@ -149,8 +162,8 @@ class Attention(nn.Module):
                 key_pos = torch.arange(k.shape[2], device=x.device)
                 query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
                 mask = key_pos[None, :] <= query_pos[:, None]
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -176,8 +189,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = SwiGLU(args.dim, args.ffn_dim)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, start_pos)
+    def forward(self, x, rope, cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), rope, cache, self.layer, start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -196,28 +209,32 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope[0, start_pos : start_pos + T], self.rope[1, start_pos : start_pos + T]
-        h = self.embed(tokens)
+        h = self.embed(tokens) if self.embed is not None else tokens
         for block in self.blocks.values():
-            h = block(h, cos, sin, cache, start_pos)
+            h = block(h, self.rope, cache, start_pos)
+        if self.norm is None:
+            return h
         h = self.norm(h)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head)
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return F.linear(h, self.embed.weight)
+
+    def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+        """The initial value of parameter `name` (fp32, on the CPU): ones for norms, zeros for biases, normal
+        with std 0.02 otherwise (output projections 0.02 / sqrt(2 n_layers)), drawn from a generator seeded
+        with (seed, name) — so it does not depend on which other parameters exist or how they are sharded."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return torch.empty(shape).normal_(0.0, std, generator=gen)
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Initialise every parameter (normal 0.02; output projections scaled by 1/sqrt(2 n_layers)) and
-        recompute the RoPE table, e.g. after `to_empty`."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+    def init_weights(self, seed: int = 0) -> None:
+        """Set every parameter to its `initial_value` and recompute the RoPE table, e.g. after `to_empty`.
+        (Sharded parameters are initialised by `zili.parallel.apply.init_weights` instead.)"""
         self.rope.copy_(rope_table(self.args, device=self.rope.device))
-        out_std = 0.02 / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-                p.normal_(0.0, std, generator=gen)
+            p.copy_(self.initial_value(canonical_name(name), p.shape, seed))

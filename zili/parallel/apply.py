@@ -1,16 +1,28 @@
-"""Apply training transforms to a model from outside: activation checkpointing and torch.compile, per
-decoder block (FSDP2, tensor and pipeline parallelism join here with the distributed issue).
+"""Apply parallelism and training transforms to a model from outside, in torchtitan's order: pipeline split,
+tensor (+ sequence) parallelism, activation checkpointing, torch.compile, FSDP2 — then materialise the
+weights.
 
-Contract: `parallelize(model, cfg)` changes `model.blocks` in place and keeps every parameter's
-fully-qualified name, so checkpoints and Hugging Face adapters see the same keys with or without it.
+Contract: `parallelize(model, cfg, dims, mesh, device, seed)` takes a Transformer built on the meta device
+and returns a `ParallelModel`: this rank's model part(s) with real weights, and the pipeline schedule when
+pp > 1. Every parameter keeps its fully-qualified name (`blocks.3.attn.q_proj.weight` in any layout), so
+checkpoints written under one layout load under any other, and Hugging Face adapters see the same keys.
+The initial weights are the same in every layout: each parameter's full initial value is computed from
+(seed, name) and this rank keeps its shard of it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from zili.config import Config
-from zili.errors import UserError
+from zili.models.transformer import canonical_name, rope_table
+from zili.parallel.mesh import ParallelDims, stages_per_rank
 
 
 def apply_activation_checkpointing(model) -> None:
@@ -20,15 +32,101 @@ def apply_activation_checkpointing(model) -> None:
         model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def parallelize(model, cfg: Config, world_size: int = 1) -> None:
-    """Validate the parallel layout for `world_size` processes and apply AC / compile as configured."""
-    p = cfg.parallelism
-    if p.tp != 1 or p.pp != 1 or p.dp_replicate != 1 or p.dp_shard not in (-1, 1) or world_size != 1:
-        raise UserError("parallel layouts other than a single process are not available yet — "
-                        "use the default [parallelism] (tp=1, pp=1, dp_replicate=1, dp_shard=-1)")
-    if cfg.training.activation_checkpointing:
+@torch.no_grad()
+def init_weights(model, seed: int) -> None:
+    """Give every parameter of `model` (plain or DTensor-sharded) this rank's part of its initial value."""
+    model.rope.copy_(rope_table(model.args, device=model.rope.device))
+    for name, p in model.named_parameters():
+        full = model.initial_value(canonical_name(name), p.shape, seed)
+        if isinstance(p, DTensor):
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().copy_(local)
+        else:
+            p.copy_(full)
+
+
+@dataclass
+class ParallelModel:
+    """This rank's share of the model. `parts` has one module, or one per pipeline stage on this rank."""
+
+    parts: list[nn.Module]
+    dims: ParallelDims = field(default_factory=ParallelDims)
+    mesh: object = None
+    schedule: object = None
+    has_first_stage: bool = True
+    has_last_stage: bool = True
+
+    @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+
+    def loss_context(self):
+        """Cross-entropy over vocabulary-sharded logits when tensor parallel (wrap forward and backward)."""
+        if self.dims.tp > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def parameters(self):
+        for part in self.parts:
+            yield from part.parameters()
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+
+def _dp_mesh(dims: ParallelDims, mesh):
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def transform(model, cfg: Config, dims: ParallelDims, mesh, compute_dtype: torch.dtype) -> None:
+    """TP, activation checkpointing, compile and FSDP on one model (part), in place, on the meta device."""
+    t, par = cfg.training, cfg.parallelism
+    if dims.tp > 1:
+        from zili.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"], par.sequence_parallel)
+    if t.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if cfg.training.compile:
+    if t.compile:
         from zili.parallel.compile import compile_model
 
         compile_model(model)
+    if dims.fsdp:
+        from zili.parallel.fsdp import apply_fsdp
+
+        apply_fsdp(model, _dp_mesh(dims, mesh), compute_dtype, par.fsdp_cpu_offload, reshard_after_forward=dims.pp == 1)
+
+
+def parallelize(model, cfg: Config, dims: ParallelDims | None = None, mesh=None, device=torch.device("cpu"),
+                seed: int = 0, compute_dtype: torch.dtype = torch.float32) -> ParallelModel:
+    """Split, shard and materialise `model` (built on the meta device) for this rank; see the module doc."""
+    dims = dims or ParallelDims()
+    par = cfg.parallelism
+    init_device = torch.device("cpu") if par.fsdp_cpu_offload and dims.fsdp else device
+    if dims.pp == 1:
+        transform(model, cfg, dims, mesh, compute_dtype)
+        model.to_empty(device=init_device)
+        init_weights(model, seed)
+        return ParallelModel([model], dims, mesh)
+
+    from zili.parallel.pipeline import build_schedule, stage_ids, stage_module
+    from zili.train.step import lm_loss
+
+    per_rank = stages_per_rank(par)
+    n_stages = dims.pp * per_rank
+    ids = stage_ids(mesh.get_local_rank("pp"), dims.pp, per_rank)
+    parts = []
+    for stage in ids:
+        part = stage_module(model, stage, n_stages)
+        transform(part, cfg, dims, mesh, compute_dtype)
+        part.to_empty(device=init_device)
+        init_weights(part, seed)
+        parts.append(part)
+    microbatches = par.pp_microbatches or n_stages
+    schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), par.pp_schedule, microbatches, lm_loss)
+    return ParallelModel(parts, dims, mesh, schedule, has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids)

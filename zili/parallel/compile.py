@@ -83,9 +83,9 @@ def compile_model(model: nn.Module, **compile_kwargs) -> None:
         eager = block.forward
         compiled = torch.compile(eager, **compile_kwargs)
 
-        def forward(x, cos, sin, cache=None, start_pos=0, _eager=eager, _compiled=compiled):
+        def forward(x, rope, cache=None, start_pos=0, _eager=eager, _compiled=compiled):
             if cache is None and torch.is_grad_enabled():
-                return _compiled(x, cos, sin)
-            return _eager(x, cos, sin, cache, start_pos)
+                return _compiled(x, rope)
+            return _eager(x, rope, cache, start_pos)
 
         block.forward = forward

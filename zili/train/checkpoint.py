@@ -4,9 +4,14 @@ Layout: RUN_DIR/checkpoints/step-NNNNNNN/ holds the DCP files (`.metadata`, `*.d
 (step, model architecture). A checkpoint is written into a hidden temporary directory next to it and
 renamed into place only when every file is written, so a `step-*` directory is always complete.
 
-State saved: `model` and `optim` (fully-qualified-name keyed, via torch.distributed.checkpoint.state_dict,
-so they reshard across layouts), and `trainer`: a flat dict of tensors (step, loader position, RNG
-states). Everything is a tensor: nothing is pickled, nothing is unpickled on load.
+State saved: `model` and `optim` (fully-qualified-name keyed, via torch.distributed.checkpoint.state_dict;
+the optimizer state flattened to `state.<param name>.<key>` entries), and `trainer`: a flat dict of tensors
+(step, loader position, RNG states). Every rank writes its shards of the DTensors; DCP reshards on load, so
+a checkpoint written under one parallel layout (world size, dp/tp/pp degrees, any split of the model into
+pipeline stages) loads under any other. Nothing is pickled, nothing is unpickled on load.
+
+`parts` and `optimizers` are lists: the model part(s) on this rank (several with interleaved pipeline
+stages) and one optimizer per part.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from zili.errors import UserError
@@ -93,7 +98,16 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _part_states(parts, optimizers) -> list[tuple[dict, dict]]:
+    return [(get_model_state_dict(part), get_optimizer_state_dict(part, opt, options=FLAT))
+            for part, opt in zip(parts, optimizers)]
+
+
+def save(run_dir: Path, step: int, parts, optimizers, trainer_state: dict[str, torch.Tensor], meta: dict,
+         keep: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`. Collective under torch.distributed."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -101,7 +115,10 @@ def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict[str, to
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = {}, {}
+    for model_part, optim_part in _part_states(parts, optimizers):
+        model_sd.update(model_part)
+        optim_sd.update(optim_part)
     with _quiet():
         dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
     if _is_writer():
@@ -115,10 +132,12 @@ def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict[str, to
     return final
 
 
-def load(path: Path, model, optimizer, trainer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Load model, optimizer and trainer state from `path` in place; `trainer_state` gives the keys and
-    shapes expected and is returned filled."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load model, optimizer and trainer state from `path` in place, resharding to this layout;
+    `trainer_state` gives the keys and shapes expected and is returned filled."""
+    states = _part_states(parts, optimizers)
+    model_sd = {k: v for model_part, _ in states for k, v in model_part.items()}
+    optim_sd = {k: v for _, optim_part in states for k, v in optim_part.items()}
     state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
     try:
         with _quiet():
@@ -126,7 +145,10 @@ def load(path: Path, model, optimizer, trainer_state: dict[str, torch.Tensor]) -
     except (Exception, CheckpointException) as e:  # DCP raises many kinds for a mismatched checkpoint
         raise UserError(f"checkpoint {path} does not fit this model/optimizer ({_first_line(e)}) — "
                         "resume with the config it was written with") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for part, opt, (model_part, optim_part) in zip(parts, optimizers, states):
+        # DCP fills tensors in place but replaces plain values (learning rates ...): read back from `state`
+        set_model_state_dict(part, {k: state["model"][k] for k in model_part})
+        set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in optim_part}, options=FLAT)
     return state["trainer"]
 
 

@@ -1,9 +1,14 @@
-"""The training loop: config -> device -> model (meta) -> transforms -> weights -> data -> steps.
+"""The training loop: config -> device + process group + mesh -> model (meta) -> parallelize -> data -> steps.
 
 Contract of a run directory (RUN_DIR): `config.toml` (the resolved config), `metrics.jsonl`,
 `tokenizer/` (the tokenizer the data was prepared with), `checkpoints/step-NNNNNNN/` (complete ones only).
 Steps are counted from 1; a checkpoint of step S holds the state after S optimizer steps, and resuming
-from it reproduces steps S+1.. exactly as an uninterrupted run would (same seed, same device).
+from it reproduces steps S+1.. as an uninterrupted run would — under the same or another parallel layout
+(the data order is global, the checkpoint reshards).
+
+Distributed (`torchrun --nproc-per-node N -m zili train ...`): every rank runs this loop on its share of
+the model and of the global batch; rank 0 writes the run directory and metrics. Logged loss is the mean
+over the global batch, tokens/s counts the tokens of all ranks, MFU divides by the peak of all devices.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 
 from zili import __version__
-from zili.accel import Accelerator, get_accelerator, tune_cpu_allocator
+from zili.accel import get_accelerator, tune_cpu_allocator
 from zili.config import Config
 from zili.data.loader import Loader, PackedDataset
 from zili.data.tokenizer import Tokenizer
@@ -26,19 +31,27 @@ from zili.errors import UserError
 from zili.models.flops import flops_per_token
 from zili.models.presets import resolve
 from zili.models.transformer import Transformer
+from zili.parallel import distributed
 from zili.parallel.apply import parallelize
+from zili.parallel.mesh import build_mesh, check_layout, dp_rank, resolve_dims
 from zili.train import checkpoint
 from zili.train.metrics import MetricsLog
 from zili.train.optim import build_optimizer, lr_at, set_lr
-from zili.train.step import lm_loss, train_step
+from zili.train.step import clip_grad_norm_, forward_backward, lm_loss, pipeline_forward_backward
 
 
 def dataset_dir(cfg: Config) -> Path:
-    if cfg.data.dataset == "demo":
-        from zili.data.demo import demo_dataset
+    """The prepared dataset; the demo corpus is built on first use (by rank 0 while the others wait)."""
+    if cfg.data.dataset != "demo":
+        return Path(cfg.data.dataset)
+    from zili.data.demo import demo_dataset
 
-        return demo_dataset()
-    return Path(cfg.data.dataset)
+    if not distributed.is_main():
+        distributed.barrier()
+    path = demo_dataset()
+    if distributed.is_main():
+        distributed.barrier()
+    return path
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -48,21 +61,6 @@ def make_run_dir(cfg: Config) -> Path:
     return Path("runs") / stamp
 
 
-@torch.no_grad()
-def validate(model, loader: Loader, accel: Accelerator, dtype: torch.dtype, n_batches: int) -> float | None:
-    """Mean loss over the fixed validation batches (nats/token); None without a validation split."""
-    model.eval()
-    total = torch.zeros((), device=accel.device)
-    count = 0
-    for inputs, targets in loader.val_batches(n_batches):
-        with accel.autocast(dtype):
-            logits = model(inputs.to(accel.device))
-        total += lm_loss(logits, targets.to(accel.device))
-        count += 1
-    model.train()
-    return float(total) / count if count else None
-
-
 class Trainer:
     """Builds everything a run needs from a Config; `run()` trains and returns the run directory."""
 
@@ -70,6 +68,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.training
         self.accel = get_accelerator(t.device)
+        self.world_size = distributed.init(self.accel)
+        self.dims = resolve_dims(cfg.parallelism, self.world_size)
         self.dtype = self.accel.compute_dtype(t.dtype)
         if self.accel.type == "cpu":
             tune_cpu_allocator()
@@ -78,21 +78,25 @@ class Trainer:
         self.args = resolve(cfg.model, self.tokenizer.vocab_size)
         if t.seq_len > self.args.max_seq_len:
             raise UserError(f"training.seq_len {t.seq_len} exceeds the model's max_seq_len {self.args.max_seq_len} — lower it")
-        self.micro_batch = t.micro_batch_size or t.batch_size
-        self.run_dir = make_run_dir(cfg)
-        self.loader = Loader(self.dataset, t.seq_len, t.batch_size, t.seed, cfg.data.val_fraction)
+        check_layout(self.dims, cfg, self.args)
+        self.mesh = build_mesh(self.dims, self.accel.type) if self.world_size > 1 else None
+        self.local_batch = t.batch_size // self.dims.dp
+        self.micro_batch = t.micro_batch_size or self.local_batch
+        self.run_dir = Path(distributed.broadcast_text(str(make_run_dir(cfg)), self.accel.device))
+        self.loader = Loader(self.dataset, t.seq_len, t.batch_size, t.seed, cfg.data.val_fraction,
+                             rank=dp_rank(self.mesh) if self.mesh else 0, world_size=self.dims.dp)
 
         self.accel.seed(t.seed)
         with torch.device("meta"):
-            self.model = Transformer(self.args)
-        parallelize(self.model, cfg)
-        self.model.to_empty(device=self.accel.device)
-        self.model.init_weights(seed=t.seed)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.accel.type)
+            model = Transformer(self.args)
+        self.model = parallelize(model, cfg, self.dims, self.mesh, self.accel.device, seed=t.seed,
+                                 compute_dtype=self.dtype)
+        self.optimizers = [build_optimizer(part, cfg.optimizer, self.accel.type) for part in self.model.parts]
         self.step = 0
 
     # ---- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, torch.Tensor]:
+        """Replicated on every rank (same seed, same global position), so DCP stores one copy."""
         loader = self.loader.state_dict()
         state = {
             "step": torch.tensor(self.step),
@@ -104,8 +108,8 @@ class Trainer:
         return state
 
     def save(self) -> None:
-        meta = {"zili_version": __version__, "model": self.args.to_dict()}
-        checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(), meta,
+        meta = {"zili_version": __version__, "model": self.args.to_dict(), "layout": self.dims.describe()}
+        checkpoint.save(self.run_dir, self.step, self.model.parts, self.optimizers, self.trainer_state(), meta,
                         self.cfg.checkpoint.keep)
 
     def maybe_resume(self) -> None:
@@ -122,59 +126,116 @@ class Trainer:
             if not (path / ".metadata").is_file():
                 raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — pass a step-NNNNNNN directory or 'auto'")
         checkpoint.check_compatible(path, self.args.to_dict())
-        state = checkpoint.load(path, self.model, self.optimizer, self.trainer_state())
+        state = checkpoint.load(path, self.model.parts, self.optimizers, self.trainer_state())
         self.step = int(state["step"])
         self.loader.load_state_dict({"position": int(state["loader_position"]), "epoch": int(state["loader_epoch"])})
         self.accel.set_rng_state({k[4:]: v for k, v in state.items() if k.startswith("rng_")})
-        print(f"resumed from {path} at step {self.step}")
+        if distributed.is_main():
+            print(f"resumed from {path} at step {self.step}")
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def autocast(self):
+        return self.accel.autocast(self.dtype)
+
+    def _local_loss(self, inputs, targets, train: bool) -> torch.Tensor:
+        """Mean loss of this rank's batch (0 on ranks without the last pipeline stage); backward if `train`."""
+        inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
+        m = self.model
+        with m.loss_context():
+            if m.schedule is not None:
+                return pipeline_forward_backward(m.schedule, inputs, targets, first=m.has_first_stage,
+                                                 last=m.has_last_stage, autocast=self.autocast, train=train)
+            if train:
+                return forward_backward(m.parts[0], inputs, targets, micro_batch=self.micro_batch, autocast=self.autocast)
+            with self.autocast():
+                logits = m.parts[0](inputs)
+            loss = lm_loss(logits, targets).detach()
+            return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+    def _global_mean(self, local: torch.Tensor) -> float:
+        """The mean over the global batch of per-rank mean losses (host sync)."""
+        if self.world_size == 1:
+            return float(local)
+        contribution = local if self.model.has_last_stage else torch.zeros_like(local)
+        return float(distributed.all_reduce(contribution)) / (self.dims.dp * self.dims.tp)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over the fixed validation batches (nats/token); None without a validation split."""
+        if not self.loader.n_val:
+            return None
+        self.model.train(False)
+        total = torch.zeros((), device=self.accel.device)
+        count = 0
+        for inputs, targets in self.loader.val_batches(self.cfg.training.eval_batches):
+            total += self._local_loss(inputs, targets, train=False)
+            count += 1
+        self.model.train(True)
+        return self._global_mean(total / count)
+
+    def train_step(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self._local_loss(inputs, targets, train=True)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip, self.model.pp_group)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def global_batch_ids(self) -> list[int]:
+        """The sequence ids every data-parallel rank consumed in the last step, in global-batch order."""
+        local = torch.tensor(self.loader.last_batch_ids, dtype=torch.int64, device=self.accel.device)
+        rows = distributed.all_gather_rows(local)  # ranks ordered (pp, dp_replicate, dp_shard, tp)
+        return rows[0 : self.dims.dp * self.dims.tp : self.dims.tp].flatten().tolist()
 
     # ---- loop --------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
-        tok_dir = self.run_dir / "tokenizer"
-        if not tok_dir.exists():
-            tmp = self.run_dir / f".tmp-tokenizer-{os.getpid()}"
-            shutil.copytree(self.dataset.tokenizer_dir, tmp, dirs_exist_ok=True)
-            tmp.rename(tok_dir)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
+            tok_dir = self.run_dir / "tokenizer"
+            if not tok_dir.exists():
+                tmp = self.run_dir / f".tmp-tokenizer-{os.getpid()}"
+                shutil.copytree(self.dataset.tokenizer_dir, tmp, dirs_exist_ok=True)
+                tmp.rename(tok_dir)
+        distributed.barrier()
 
     def run(self) -> Path:
         cfg, t = self.cfg, self.cfg.training
         self.prepare_run_dir()
         self.maybe_resume()
-        log = MetricsLog(self.run_dir, t.steps, self.step, enabled=True, progress=cfg.metrics.progress)
+        main = distributed.is_main()
+        log = MetricsLog(self.run_dir, t.steps, self.step, enabled=main, progress=cfg.metrics.progress)
         flops = flops_per_token(self.args, t.seq_len)
-        peak = self.accel.peak_flops(self.dtype)
-        tokens_per_step = t.batch_size * t.seq_len
-        autocast = lambda: self.accel.autocast(self.dtype)  # noqa: E731
+        peak = self.accel.peak_flops(self.dtype) * self.world_size
+        tokens_per_step = t.batch_size * t.seq_len  # global: all ranks together
 
         if self.step == 0 and t.eval_every and self.loader.n_val:
-            val = validate(self.model, self.loader, self.accel, self.dtype, t.eval_batches)
             log.write({"step": 0, "loss": None, "lr": None, "grad_norm": None, "tokens_per_s": None,
-                       "mfu": None, "peak_mem_gb": None, "val_loss": val})
+                       "mfu": None, "peak_mem_gb": None, "val_loss": self.validate()})
         started_at = self.step
         timed_steps, timer, overhead = 0, time.perf_counter(), 0.0  # tokens/s excludes eval and checkpoints
         while self.step < t.steps:
             lr = lr_at(self.step, t.steps, cfg.optimizer)
-            set_lr(self.optimizer, lr)
+            for optimizer in self.optimizers:
+                set_lr(optimizer, lr)
             inputs, targets = self.loader.next_batch()
-            inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
-            loss, grad_norm = train_step(self.model, self.optimizer, inputs, targets, micro_batch=self.micro_batch,
-                                         autocast=autocast, grad_clip=t.grad_clip)
+            loss, grad_norm = self.train_step(inputs, targets)
             self.step += 1
             timed_steps += 1
             log.advance()
             last = self.step == t.steps
             stopping = bool(t.exit_after) and self.step - started_at >= t.exit_after and not last
             if self.step % cfg.metrics.log_every == 0 or last or stopping:
-                loss_value = float(loss)  # the one host sync per logged step
+                loss_value = self._global_mean(loss)  # the one host sync per logged step
                 tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - overhead)
+                peak_mem = float(distributed.all_reduce(torch.tensor(self.accel.peak_memory_gb()), op="max"))
                 record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak,
-                          "peak_mem_gb": self.accel.peak_memory_gb()}
+                          "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak, "peak_mem_gb": peak_mem}
                 timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
-                    record["val_loss"] = validate(self.model, self.loader, self.accel, self.dtype, t.eval_batches)
+                    record["val_loss"] = self.validate()
+                if cfg.metrics.log_sequence_ids:
+                    record["sequence_ids"] = self.global_batch_ids()
                 log.write(record)
                 if not math.isfinite(loss_value):
                     log.close()
@@ -187,31 +248,40 @@ class Trainer:
                 overhead += time.perf_counter() - begin
             if stopping:
                 log.close()
-                print(f"stopping after step {self.step} (training.exit_after={t.exit_after}); "
-                      f"continue with --checkpoint.resume=auto --training.run_dir={self.run_dir}")
+                if main:
+                    print(f"stopping after step {self.step} (training.exit_after={t.exit_after}); "
+                          f"continue with --checkpoint.resume=auto --training.run_dir={self.run_dir}")
                 return self.run_dir
         log.close()
         return self.run_dir
 
     def sample(self) -> str:
-        """Generate `sample_tokens` tokens from `sample_prompt` with the trained model (greedy)."""
+        """Generate `sample_tokens` tokens from `sample_prompt` with the trained model (single process only)."""
         from zili.infer.generate import generate
 
         t = self.cfg.training
+        model = self.model.parts[0]
         prompt = self.tokenizer.encode(t.sample_prompt) or [self.tokenizer.eos_id]
-        self.model.eval()
+        model.eval()
         with self.accel.autocast(self.dtype):
-            new = generate(self.model, prompt, t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed,
+            new = generate(model, prompt, t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed,
                            eos_id=self.tokenizer.eos_id)
-        self.model.train()
+        model.train()
         return self.tokenizer.decode(prompt + new)
 
 
 def train(cfg: Config) -> Path:
-    """Train as configured; print a sample at the end; return the run directory."""
-    trainer = Trainer(cfg)
-    run_dir = trainer.run()
-    print(f"run directory: {run_dir}")
-    if cfg.training.sample_tokens and trainer.step == cfg.training.steps:
-        print("sample:\n" + trainer.sample())
-    return run_dir
+    """Train as configured; print a sample at the end (single process); return the run directory."""
+    try:
+        trainer = Trainer(cfg)
+        run_dir = trainer.run()
+        if distributed.is_main():
+            print(f"run directory: {run_dir}")
+            if cfg.training.sample_tokens and trainer.step == cfg.training.steps:
+                if trainer.world_size == 1:
+                    print("sample:\n" + trainer.sample())
+                else:
+                    print(f"sample: run `zili generate {run_dir}` (not generated inside a distributed run)")
+        return run_dir
+    finally:
+        distributed.shutdown()
