@@ -19,8 +19,13 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_device = torch.device("cpu")  # where collectives of small host values run (the process group's device)
+
+
 def init(accel: Accelerator) -> int:
     """Join the process group if torchrun started several processes; return the world size."""
+    global _device
+    _device = accel.device
     world_size = env_world_size()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=accel.backend)
@@ -48,7 +53,7 @@ def shutdown() -> None:
 
 def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """`value` reduced over all ranks ("sum" or "max"), as a new tensor."""
-    out = value.detach().clone()
+    out = value.detach().to(_device, copy=True)
     if dist.is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return out

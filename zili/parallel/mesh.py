@@ -49,6 +49,10 @@ def resolve_dims(par: ParallelismConfig, world_size: int) -> ParallelDims:
     """The degrees for `world_size` ranks; dp_shard=-1 takes whatever the other degrees leave."""
     fixed = par.dp_replicate * par.tp * par.pp
     dp_shard = par.dp_shard
+    needed = fixed * max(dp_shard, 1)
+    if world_size == 1 and needed > 1:
+        raise UserError(f"the [parallelism] layout needs {needed} processes but this is a single process — launch "
+                        f"with `torchrun --nproc-per-node={needed} -m zili train ...`, or use the default layout")
     if dp_shard == -1:
         if world_size % fixed:
             raise UserError(f"dp_replicate*tp*pp = {par.dp_replicate}*{par.tp}*{par.pp} = {fixed} does not divide the "

@@ -67,6 +67,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         t = cfg.training
+        if distributed.env_world_size() > 1 and ":" in t.device:
+            raise UserError(f"training.device={t.device!r} names one device for every rank — under torchrun use "
+                            f"the device type alone (e.g. {t.device.split(':')[0]}): LOCAL_RANK picks the index")
         self.accel = get_accelerator(t.device)
         self.world_size = distributed.init(self.accel)
         self.dims = resolve_dims(cfg.parallelism, self.world_size)
@@ -198,6 +201,11 @@ class Trainer:
                 shutil.copytree(self.dataset.tokenizer_dir, tmp, dirs_exist_ok=True)
                 tmp.rename(tok_dir)
         distributed.barrier()
+        # every rank writes its checkpoint shards under run_dir: it must be one directory for all of them
+        missing = torch.tensor(0.0 if (self.run_dir / "config.toml").is_file() else 1.0)
+        if float(distributed.all_reduce(missing)):
+            raise UserError(f"training.run_dir {str(self.run_dir)!r} is not visible to every rank — put it on a "
+                            "filesystem shared by all nodes (and give an absolute path)")
 
     def run(self) -> Path:
         cfg, t = self.cfg, self.cfg.training
@@ -206,7 +214,9 @@ class Trainer:
         main = distributed.is_main()
         log = MetricsLog(self.run_dir, t.steps, self.step, enabled=main, progress=cfg.metrics.progress)
         flops = flops_per_token(self.args, t.seq_len)
-        peak = self.accel.peak_flops(self.dtype) * self.world_size
+        # per-device peak from rank 0 (on CPU a measured probe: one rank measures, not all at once)
+        peak_here = torch.tensor(self.accel.peak_flops(self.dtype) if main else 0.0, dtype=torch.float64)
+        peak = float(distributed.all_reduce(peak_here)) * self.world_size
         tokens_per_step = t.batch_size * t.seq_len  # global: all ranks together
 
         if self.step == 0 and t.eval_every and self.loader.n_val:

@@ -1,0 +1,115 @@
+"""Real multi-process runs on CPU with gloo: `zili_ranks(n, *args)` starts n `python -m zili train`
+processes with the environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT),
+waits for all of them and returns their results; `zili_torchrun` goes through torchrun itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+# 20 logged steps of a tiny untied model in fp32, with validation at 0, 10 and 20 and the sequence ids
+PARITY = [*TINY_MODEL, "--training.batch_size=8", "--training.steps=20", "--metrics.log_every=1",
+          "--training.eval_every=10", "--model.tied_embeddings=false", "--metrics.log_sequence_ids=true"]
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "ZILI_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture
+def zili_ranks(tmp_path):
+    """Run `zili train ARGS` as `n` real processes joined by gloo; returns one RankResult per rank."""
+
+    def run(n: int, *args: str, timeout: int = 300) -> list[RankResult]:
+        port = _free_port()
+        procs = []
+        for rank in range(n):
+            env = {**_env(tmp_path), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+                   "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "zili", "train", *map(str, args)], env=env,
+                                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = []
+        try:
+            for rank, proc in enumerate(procs):
+                out, err = proc.communicate(timeout=timeout)
+                results.append(RankResult(rank, proc.returncode, out, err))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        return results
+
+    return run
+
+
+@pytest.fixture
+def zili_torchrun(tmp_path):
+    """Run `torchrun --standalone --nproc-per-node N -m zili train ARGS` (the documented launch)."""
+
+    def run(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "zili", "train", *map(str, args)]
+        return subprocess.run(cmd, env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def check_ok(results: list[RankResult]) -> None:
+    failed = [r for r in results if r.returncode != 0]
+    assert not failed, "\n".join(f"rank {r.rank} exited {r.returncode}:\n{r.stderr[-3000:]}" for r in failed)
+
+
+def read_records(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl of a run, keyed by step."""
+    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_losses_match(reference: dict[int, dict], other: dict[int, dict], steps, rel: float = 1e-4) -> None:
+    """Train losses of `steps` (and any validation losses there) equal within `rel` relative."""
+    for step in steps:
+        for key in ("loss", "val_loss"):
+            want, got = reference[step].get(key), other[step].get(key)
+            if want is None:
+                continue
+            assert got is not None and abs(got - want) <= rel * abs(want), f"step {step} {key}: {got} vs {want}"
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory, tiny_dataset):
+    """Single-process runs of PARITY with 2 and 4 layers: {n_layers: metrics by step}."""
+    root = tmp_path_factory.mktemp("reference")
+    env = _env(root)
+    runs = {}
+    for layers in (2, 4):
+        run_dir = root / f"layers{layers}"
+        subprocess.run([sys.executable, "-m", "zili", "train", *PARITY, f"--data.dataset={tiny_dataset}",
+                        f"--model.n_layers={layers}", f"--training.run_dir={run_dir}"],
+                       env=env, cwd=root, check=True, capture_output=True, timeout=300)
+        runs[layers] = read_records(run_dir)
+    return runs
