@@ -15,7 +15,9 @@ LAYOUTS = [
     pytest.param(2, 2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"], id="pp2-1f1b"),
     pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B"], id="pp2-interleaved1f1b"),
     pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=InterleavedZeroBubble"], id="pp2-zero-bubble"),
+    pytest.param(4, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2"], id="hsdp-2x2"),
     pytest.param(4, 4, ["--parallelism.dp_shard=2", "--parallelism.tp=2"], id="fsdp2-x-tp2"),
+    pytest.param(8, 4, ["--parallelism.pp=2", "--parallelism.dp_shard=2", "--parallelism.tp=2"], id="pp2-x-fsdp2-x-tp2"),
 ]
 
 
@@ -35,12 +37,14 @@ def test_layout_matches_single_process(zili_ranks, tiny_dataset, reference_runs,
 
 
 def test_torchrun_launch_fsdp(zili_torchrun, tiny_dataset, reference_runs, tmp_path):
-    """The documented launch: torchrun starts the ranks, zili joins them with gloo from the environment."""
-    run_dir = tmp_path / "run"
-    proc = zili_torchrun(2, *PARITY, f"--data.dataset={tiny_dataset}", "--model.n_layers=2", "--training.steps=5",
-                         f"--training.run_dir={run_dir}")
+    """The documented launch: torchrun starts the ranks, zili joins them with gloo from the environment.
+    Without training.run_dir the ranks agree on rank 0's runs/<timestamp> directory."""
+    proc = zili_torchrun(2, *PARITY, f"--data.dataset={tiny_dataset}", "--model.n_layers=2", "--training.steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = read_records(run_dir)
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1
+    records = read_records(run_dirs[0])
+    assert [p.name for p in (run_dirs[0] / "checkpoints").iterdir()] == ["step-0000005"]
     # a 5-step cosine schedule differs from the 20-step one after warmup starts: compare step 1 and step 0's val
     assert_losses_match(reference_runs[2], records, [0, 1])
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints

@@ -120,7 +120,11 @@ def build_mesh(dims: ParallelDims, device_type: str):
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
-    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    if dims.fsdp and dims.tp > 1:
+        # a norm over parameters sharded on (dp_shard, tp) then reduces in one collective, not two
+        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+    return mesh
 
 
 def dp_rank(mesh) -> int:

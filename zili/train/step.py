@@ -58,7 +58,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return _CrossEntropy.apply(flat, targets.flatten(), ignore_index, rows)
 
 
-def _value(loss: torch.Tensor) -> torch.Tensor:
+def detached_value(loss: torch.Tensor) -> torch.Tensor:
     """A detached plain tensor (the full value of a DTensor loss under loss parallelism)."""
     loss = loss.detach()
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
@@ -76,7 +76,7 @@ def forward_backward(model, inputs: torch.Tensor, targets: torch.Tensor, *, micr
             logits = model(inputs[chunk])
         loss = lm_loss(logits, targets[chunk]) / n_micro
         loss.backward()
-        total += _value(loss)
+        total += detached_value(loss)
     return total
 
 
@@ -94,7 +94,7 @@ def pipeline_forward_backward(schedule, inputs: torch.Tensor, targets: torch.Ten
             schedule.eval(*args, target=target, losses=losses)
     if not last:
         return torch.zeros((), device=inputs.device)
-    return torch.stack([_value(loss) for loss in losses]).mean()
+    return torch.stack([detached_value(loss) for loss in losses]).mean()
 
 
 def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:

@@ -37,7 +37,7 @@ from zili.parallel.mesh import build_mesh, check_layout, dp_rank, resolve_dims
 from zili.train import checkpoint
 from zili.train.metrics import MetricsLog
 from zili.train.optim import build_optimizer, lr_at, set_lr
-from zili.train.step import clip_grad_norm_, forward_backward, lm_loss, pipeline_forward_backward
+from zili.train.step import clip_grad_norm_, detached_value, forward_backward, lm_loss, pipeline_forward_backward
 
 
 def dataset_dir(cfg: Config) -> Path:
@@ -152,8 +152,7 @@ class Trainer:
                 return forward_backward(m.parts[0], inputs, targets, micro_batch=self.micro_batch, autocast=self.autocast)
             with self.autocast():
                 logits = m.parts[0](inputs)
-            loss = lm_loss(logits, targets).detach()
-            return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+            return detached_value(lm_loss(logits, targets))
 
     def _global_mean(self, local: torch.Tensor) -> float:
         """The mean over the global batch of per-rank mean losses (host sync)."""
