@@ -16,6 +16,7 @@ BAD = [
                  id="pp-stages-above-layers"),
     pytest.param(1, ["--parallelism.tp=2"], "needs 2 processes but this is a single process", id="single-process-tp2"),
     pytest.param(2, ["--training.device=cpu:0"], "names one device for every rank", id="one-device-for-all-ranks"),
+    pytest.param(2, ["--parallelism.fsdp_cpu_offload=true"], "on the CPU already", id="cpu-offload-on-cpu"),
 ]
 
 

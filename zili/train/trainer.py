@@ -71,6 +71,9 @@ class Trainer:
             raise UserError(f"training.device={t.device!r} names one device for every rank — under torchrun use "
                             f"the device type alone (e.g. {t.device.split(':')[0]}): LOCAL_RANK picks the index")
         self.accel = get_accelerator(t.device)
+        if cfg.parallelism.fsdp_cpu_offload and self.accel.type == "cpu":
+            raise UserError("parallelism.fsdp_cpu_offload moves FSDP state from an accelerator to host memory, but "
+                            "this run is on the CPU already — set it to false")
         self.world_size = distributed.init(self.accel)
         self.dims = resolve_dims(cfg.parallelism, self.world_size)
         self.dtype = self.accel.compute_dtype(t.dtype)
