@@ -10,6 +10,7 @@ from tests.distributed.conftest import PARITY, assert_losses_match, check_ok, re
 LAYOUTS = [
     # (ranks, layers, layout overrides)
     pytest.param(2, 2, ["--parallelism.dp_shard=2"], id="fsdp2"),
+    pytest.param(2, 2, ["--parallelism.dp_shard=2", "--training.micro_batch_size=2"], id="fsdp2-accumulating"),
     pytest.param(2, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=1"], id="hsdp-replicate2"),
     pytest.param(2, 2, ["--parallelism.tp=2"], id="tp2-sequence-parallel"),
     pytest.param(2, 2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"], id="pp2-1f1b"),

@@ -70,7 +70,10 @@ def forward_backward(model, inputs: torch.Tensor, targets: torch.Tensor, *, micr
     return the mean loss (0-dim tensor on the device; no host sync)."""
     n_micro = inputs.shape[0] // micro_batch
     total = torch.zeros((), device=inputs.device)
+    sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2: reduce gradients once, after the last
     for i in range(n_micro):
+        if sync is not None:
+            sync(i == n_micro - 1)
         chunk = slice(i * micro_batch, (i + 1) * micro_batch)
         with autocast():
             logits = model(inputs[chunk])
