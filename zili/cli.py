@@ -17,6 +17,7 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili generate RUN_DIR --prompt TEXT                  sample from a trained run
   zili data prepare --input PATHS --tokenizer DIR --output DIR
   zili data train-tokenizer --input PATHS --vocab-size N --output DIR
+  zili import-hf HF_DIR RUN_DIR                        a Hugging Face Qwen2/Llama checkpoint -> a zili run
 
 Distributed: torchrun --nproc-per-node N -m zili train ...
 """
@@ -85,7 +86,19 @@ def _data(argv: list[str]) -> None:
         print(f"wrote a {tokenizer.vocab_size}-token tokenizer to {args.output}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "data": _data}
+def _import_hf(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="zili import-hf",
+                                     description="Convert a Hugging Face Qwen2ForCausalLM / LlamaForCausalLM directory "
+                                                 "(config.json, *.safetensors, tokenizer files) into a zili run directory.")
+    parser.add_argument("hf_dir", help="Hugging Face model directory")
+    parser.add_argument("run_dir", help="run directory to write (tokenizer/ and checkpoints/step-0000000/)")
+    args = parser.parse_args(argv)
+    from zili.interop.import_hf import import_hf
+
+    print(f"wrote {import_hf(args.hf_dir, args.run_dir)}")
+
+
+COMMANDS = {"train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,6 +132,21 @@ def save(run_dir: Path, step: int, parts, optimizers, trainer_state: dict[str, t
     return final
 
 
+def save_model(run_dir: Path, step: int, model, meta: dict) -> Path:
+    """Write a weights-only checkpoint (no optimizer or trainer state; e.g. an imported model), atomically."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with _quiet():
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
 def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Load model, optimizer and trainer state from `path` in place, resharding to this layout;
     `trainer_state` gives the keys and shapes expected and is returned filled."""

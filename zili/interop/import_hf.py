@@ -1,0 +1,116 @@
+"""`zili import-hf HF_DIR RUN_DIR`: a Hugging Face Qwen2 / Llama checkpoint -> a zili run directory.
+
+Reads config.json, the safetensors weights (one file, or shards listed in model.safetensors.index.json)
+and the tokenizer files; writes RUN_DIR/tokenizer/ and RUN_DIR/checkpoints/step-0000000/ (model weights in
+fp32 through DCP, and meta.json with the architecture, the family and the source dtype, which export uses
+to write the weights back in their original precision). Tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from zili.data.tokenizer import Tokenizer
+from zili.errors import UserError
+from zili.interop.hf import args_from_config, hf_name, read_config, zili_name
+from zili.models.transformer import Transformer, rope_table
+from zili.train import checkpoint
+
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+
+
+def weight_files(hf_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: hf_dir / file for name, file in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise UserError(f"{path} is listed in {INDEX} but missing — download every shard")
+        return files
+    paths = sorted(hf_dir.glob("*.safetensors"))
+    if not paths:
+        raise UserError(f"no *.safetensors weights in {hf_dir} — zili reads safetensors checkpoints only")
+    files = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            files.update({name: path for name in f.keys()})
+    return files
+
+
+def load_hf_weights(model: Transformer, hf_dir: Path) -> torch.dtype:
+    """Copy the checkpoint's tensors into `model`'s (materialised) parameters; return the source dtype."""
+    files = weight_files(hf_dir)
+    params = dict(model.named_parameters())
+    for name in files:
+        if name.endswith(IGNORED) or (name == "lm_head.weight" and model.lm_head is None):
+            continue
+        try:
+            if zili_name(name) in params:
+                continue
+        except KeyError:
+            pass
+        raise UserError(f"unexpected tensor {name!r} in {hf_dir} — the checkpoint does not match its config.json")
+    source_dtype = None
+    handles: dict[Path, object] = {}
+    try:
+        for name, param in params.items():
+            key = hf_name(name)
+            if key not in files:
+                raise UserError(f"tensor {key!r} is missing from {hf_dir} — the checkpoint is incomplete")
+            path = files[key]
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt")
+            tensor = handles[path].get_tensor(key)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise UserError(f"tensor {key!r} has shape {tuple(tensor.shape)} but config.json implies "
+                                f"{tuple(param.shape)} — the weights do not match the config")
+            source_dtype = source_dtype or tensor.dtype
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+    finally:
+        handles.clear()
+    return source_dtype
+
+
+def copy_tokenizer(hf_dir: Path, out: Path) -> Tokenizer:
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise UserError(f"{hf_dir / 'tokenizer.json'} not found — zili needs the fast tokenizer file next to the weights")
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, tmp / name)
+    tokenizer = Tokenizer.load(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return tokenizer
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
+    """Convert; return the checkpoint directory written."""
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a directory — pass a Hugging Face model directory")
+    args, family = args_from_config(read_config(hf_dir))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.rope.copy_(rope_table(args))
+    source_dtype = load_hf_weights(model, hf_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(hf_dir, run_dir / "tokenizer")
+    meta = {"model": args.to_dict(), "hf": {"family": family, "dtype": str(source_dtype).removeprefix("torch."),
+                                            "source": str(hf_dir.resolve())}}
+    return checkpoint.save_model(run_dir, 0, model, meta)
