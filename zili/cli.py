@@ -18,6 +18,7 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili data prepare --input PATHS --tokenizer DIR --output DIR
   zili data train-tokenizer --input PATHS --vocab-size N --output DIR
   zili import-hf HF_DIR RUN_DIR                        a Hugging Face Qwen2/Llama checkpoint -> a zili run
+  zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
 
 Distributed: torchrun --nproc-per-node N -m zili train ...
 """
@@ -98,7 +99,25 @@ def _import_hf(argv: list[str]) -> None:
     print(f"wrote {import_hf(args.hf_dir, args.run_dir)}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf}
+def _export_hf(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="zili export-hf",
+                                     description="Write a zili checkpoint (written by any number of ranks) as a Hugging "
+                                                 "Face model directory that transformers loads as it is.")
+    parser.add_argument("run_dir", help="run directory (checkpoints/ and tokenizer/)")
+    parser.add_argument("out_dir", help="directory to write (replaced if it exists)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (auto: the imported weights' dtype, else float32)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, 1e9 bytes (default 5)")
+    args = parser.parse_args(argv)
+    if args.max_shard_gb <= 0:
+        raise UserError("--max-shard-gb must be positive")
+    from zili.interop.export_hf import export_hf
+
+    print(f"wrote {export_hf(args.run_dir, args.out_dir, args.step, args.dtype, int(args.max_shard_gb * 1e9))}")
+
+
+COMMANDS = {"train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> None:

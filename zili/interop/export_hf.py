@@ -1,0 +1,125 @@
+"""`zili export-hf RUN_DIR OUT_DIR [--step N]`: a zili checkpoint -> a Hugging Face model directory.
+
+Writes config.json (classic form: `rope_theta`, `rope_scaling`), generation_config.json, the weights as
+model.safetensors — or shards of at most `max_shard_bytes` plus model.safetensors.index.json — and the
+tokenizer files, into a temporary directory renamed to OUT_DIR when complete.
+
+Streaming: the checkpoint is read one tensor at a time through DCP (which reads only that tensor's bytes,
+whatever number of ranks wrote the checkpoint), converted and appended to the current shard; a full shard
+is written and dropped. Peak host memory is about one shard plus one tensor, not the model.
+
+Family: the one recorded at import (`meta.json` "hf"), else `qwen2` for models with q/k/v bias and `llama`
+otherwise. Dtype: `auto` = the dtype of the imported weights (so import then export is bit-identical),
+float32 for models trained from scratch (master weights are fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from safetensors.torch import save_file
+
+from zili.data.tokenizer import Tokenizer
+from zili.errors import UserError
+from zili.interop.hf import config_from_args, hf_name
+from zili.models.args import ModelArgs
+from zili.models.transformer import Transformer
+from zili.train import checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_SHARD_BYTES = 5 * 10**9
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _parameters(args: ModelArgs) -> list[tuple[str, torch.Size]]:
+    """(zili name, shape) of every parameter, in model order (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return [(name, p.shape) for name, p in model.named_parameters()]
+
+
+def _read_tensor(path: Path, name: str, shape: torch.Size) -> torch.Tensor:
+    """Parameter `name` of checkpoint `path` (fp32), read alone."""
+    tensor = torch.empty(shape, dtype=torch.float32)
+    try:
+        with checkpoint._quiet():
+            dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise UserError(f"checkpoint {path} has no usable {name!r} ({checkpoint._first_line(e)}) — "
+                        "it was not written by this model") from None
+    return tensor
+
+
+def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
+    """Write (hf name, tensor) pairs into safetensors files of at most `max_shard_bytes`; return the
+    weight map (name -> file). Files are named model-0000K.safetensors, renamed once their count is known."""
+    weight_map, shard, size, files = {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            file = f"part-{len(files):05d}.safetensors"
+            save_file(shard, out / file, metadata={"format": "pt"})
+            files.append((file, list(shard)))
+            shard, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+        size += nbytes
+    flush()
+    for k, (file, names) in enumerate(files):
+        final = "model.safetensors" if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        (out / file).rename(out / final)
+        weight_map.update({name: final for name in names})
+    return weight_map
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str = "auto",
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Convert checkpoint `step` (newest if None) of `run_dir`; return OUT_DIR."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} not found — pass the directory `zili train` or `zili import-hf` wrote")
+    path = checkpoint.resolve(run_dir, step)
+    meta = checkpoint.read_meta(path)
+    args = ModelArgs(**meta["model"])
+    source = meta.get("hf", {})
+    family = source.get("family") or ("qwen2" if args.qkv_bias else "llama")
+    if dtype == "auto":
+        dtype = source.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} — pass --dtype")
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = ((hf_name(name), _read_tensor(path, name, shape).to(DTYPES[dtype]))
+               for name, shape in _parameters(args))
+    weight_map = _write_shards(tensors, tmp, max_shard_bytes)
+    if len(set(weight_map.values())) > 1:
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = config_from_args(args, family, dtype, tokenizer.eos_id)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    generation = run_dir / "tokenizer" / "generation_config.json"  # kept from an import, if any
+    if generation.is_file():
+        shutil.copy2(generation, tmp / "generation_config.json")
+    else:
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_id}, indent=2))
+    for name in TOKENIZER_FILES:
+        if (run_dir / "tokenizer" / name).is_file():
+            shutil.copy2(run_dir / "tokenizer" / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
