@@ -35,6 +35,8 @@ class ModelConfig:
     rope_theta: float | None = _f(None, "override the RoPE base")
     qkv_bias: bool | None = _f(None, "override: bias on the q/k/v projections (Qwen2 style)")
     tied_embeddings: bool | None = _f(None, "override: share the input embedding with the output head")
+    init: str = _f("", "initial weights: '' = random from training.seed; 'hf:DIR' = a Hugging Face Qwen2/Llama "
+                       "checkpoint (its config.json sets the architecture; prepare the data with its tokenizer)")
 
 
 @dataclass
@@ -292,6 +294,10 @@ def validate(cfg: Config) -> None:
             raise UserError(f"model.{key} must be positive, got {value}")
     from zili.models.presets import resolve
 
+    if cfg.model.init and not cfg.model.init.startswith("hf:"):
+        raise UserError(f"model.init {cfg.model.init!r} is not understood — use '' (random) or 'hf:DIR'")
+    if cfg.model.init:
+        return  # the architecture comes from the Hugging Face config.json
     resolve(cfg.model, tokenizer_vocab=1)  # architecture checks now, before any data is read
 
 

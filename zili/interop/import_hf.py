@@ -47,39 +47,45 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
     return files
 
 
+class HFWeights:
+    """The tensors of a Hugging Face checkpoint by zili parameter name, read one at a time:
+    `weights(name, shape)` -> fp32 tensor (UserError if missing or of another shape)."""
+
+    def __init__(self, hf_dir: Path, model: Transformer):
+        self.hf_dir = Path(hf_dir)
+        self.files = weight_files(self.hf_dir)
+        names = {name for name, _ in model.named_parameters()}
+        for name in self.files:
+            if name.endswith(IGNORED) or (name == "lm_head.weight" and model.lm_head is None):
+                continue
+            try:
+                if zili_name(name) in names:
+                    continue
+            except KeyError:
+                pass
+            raise UserError(f"unexpected tensor {name!r} in {hf_dir} — the checkpoint does not match its config.json")
+        self.source_dtype: torch.dtype | None = None
+
+    def __call__(self, name: str, shape) -> torch.Tensor:
+        key = hf_name(name)
+        if key not in self.files:
+            raise UserError(f"tensor {key!r} is missing from {self.hf_dir} — the checkpoint is incomplete")
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            tensor = f.get_tensor(key)
+        if tuple(tensor.shape) != tuple(shape):
+            raise UserError(f"tensor {key!r} has shape {tuple(tensor.shape)} but config.json implies "
+                            f"{tuple(shape)} — the weights do not match the config")
+        self.source_dtype = self.source_dtype or tensor.dtype
+        return tensor.float()
+
+
 def load_hf_weights(model: Transformer, hf_dir: Path) -> torch.dtype:
     """Copy the checkpoint's tensors into `model`'s (materialised) parameters; return the source dtype."""
-    files = weight_files(hf_dir)
-    params = dict(model.named_parameters())
-    for name in files:
-        if name.endswith(IGNORED) or (name == "lm_head.weight" and model.lm_head is None):
-            continue
-        try:
-            if zili_name(name) in params:
-                continue
-        except KeyError:
-            pass
-        raise UserError(f"unexpected tensor {name!r} in {hf_dir} — the checkpoint does not match its config.json")
-    source_dtype = None
-    handles: dict[Path, object] = {}
-    try:
-        for name, param in params.items():
-            key = hf_name(name)
-            if key not in files:
-                raise UserError(f"tensor {key!r} is missing from {hf_dir} — the checkpoint is incomplete")
-            path = files[key]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt")
-            tensor = handles[path].get_tensor(key)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise UserError(f"tensor {key!r} has shape {tuple(tensor.shape)} but config.json implies "
-                                f"{tuple(param.shape)} — the weights do not match the config")
-            source_dtype = source_dtype or tensor.dtype
-            with torch.no_grad():
-                param.copy_(tensor.to(param.dtype))
-    finally:
-        handles.clear()
-    return source_dtype
+    weights = HFWeights(hf_dir, model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights(name, param.shape))
+    return weights.source_dtype
 
 
 def copy_tokenizer(hf_dir: Path, out: Path) -> Tokenizer:

@@ -46,7 +46,7 @@ def get_preset(name: str) -> ModelArgs:
 
 def resolve(model_cfg, tokenizer_vocab: int | None = None) -> ModelArgs:
     """Preset + the non-None overrides of a `ModelConfig`; vocab 0 takes the tokenizer's (rounded up to 64)."""
-    overrides = {k: v for k, v in vars(model_cfg).items() if k not in ("preset",) and v is not None}
+    overrides = {k: v for k, v in vars(model_cfg).items() if k not in ("preset", "init") and v is not None}
     args = replace(get_preset(model_cfg.preset), **overrides)
     if args.vocab_size == 0:
         if tokenizer_vocab is None:

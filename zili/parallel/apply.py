@@ -33,11 +33,15 @@ def apply_activation_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def init_weights(model, seed: int) -> None:
-    """Give every parameter of `model` (plain or DTensor-sharded) this rank's part of its initial value."""
+def init_weights(model, seed: int, initial_value=None) -> None:
+    """Give every parameter of `model` (plain or DTensor-sharded) this rank's part of its initial value:
+    `initial_value(name, shape)` (full tensor) if given, else the model's own random init from `seed`."""
     model.rope.copy_(rope_table(model.args, device=model.rope.device))
     for name, p in model.named_parameters():
-        full = model.initial_value(canonical_name(name), p.shape, seed)
+        if initial_value is not None:
+            full = initial_value(canonical_name(name), p.shape)
+        else:
+            full = model.initial_value(canonical_name(name), p.shape, seed)
         if isinstance(p, DTensor):
             local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().copy_(local)
@@ -103,15 +107,16 @@ def transform(model, cfg: Config, dims: ParallelDims, mesh, compute_dtype: torch
 
 
 def parallelize(model, cfg: Config, dims: ParallelDims | None = None, mesh=None, device=torch.device("cpu"),
-                seed: int = 0, compute_dtype: torch.dtype = torch.float32) -> ParallelModel:
-    """Split, shard and materialise `model` (built on the meta device) for this rank; see the module doc."""
+                seed: int = 0, compute_dtype: torch.dtype = torch.float32, initial_value=None) -> ParallelModel:
+    """Split, shard and materialise `model` (built on the meta device) for this rank; see the module doc.
+    `initial_value(name, shape)`, if given, supplies the starting weights (e.g. from Hugging Face)."""
     dims = dims or ParallelDims()
     par = cfg.parallelism
     init_device = torch.device("cpu") if par.fsdp_cpu_offload and dims.fsdp else device
     if dims.pp == 1:
         transform(model, cfg, dims, mesh, compute_dtype)
         model.to_empty(device=init_device)
-        init_weights(model, seed)
+        init_weights(model, seed, initial_value)
         return ParallelModel([model], dims, mesh)
 
     from zili.parallel.pipeline import build_schedule, stage_ids, stage_module
@@ -125,7 +130,7 @@ def parallelize(model, cfg: Config, dims: ParallelDims | None = None, mesh=None,
         part = stage_module(model, stage, n_stages)
         transform(part, cfg, dims, mesh, compute_dtype)
         part.to_empty(device=init_device)
-        init_weights(part, seed)
+        init_weights(part, seed, initial_value)
         parts.append(part)
     microbatches = par.pp_microbatches or n_stages
     schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), par.pp_schedule, microbatches, lm_loss)

@@ -14,6 +14,7 @@ over the global batch, tokens/s counts the tokens of all ranks, MFU divides by t
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import shutil
@@ -81,7 +82,12 @@ class Trainer:
             tune_cpu_allocator()
         self.dataset = PackedDataset(dataset_dir(cfg))
         self.tokenizer = Tokenizer.load(self.dataset.tokenizer_dir)
-        self.args = resolve(cfg.model, self.tokenizer.vocab_size)
+        self.hf = None  # {"family", "dtype"} when starting from Hugging Face weights
+        initial_value = None
+        if cfg.model.init:
+            initial_value = self._hf_start(Path(cfg.model.init.removeprefix("hf:")))
+        else:
+            self.args = resolve(cfg.model, self.tokenizer.vocab_size)
         if t.seq_len > self.args.max_seq_len:
             raise UserError(f"training.seq_len {t.seq_len} exceeds the model's max_seq_len {self.args.max_seq_len} — lower it")
         check_layout(self.dims, cfg, self.args)
@@ -96,9 +102,32 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(self.args)
         self.model = parallelize(model, cfg, self.dims, self.mesh, self.accel.device, seed=t.seed,
-                                 compute_dtype=self.dtype)
+                                 compute_dtype=self.dtype, initial_value=initial_value)
+        if initial_value is not None:
+            self.hf["dtype"] = str(initial_value.source_dtype).removeprefix("torch.")
         self.optimizers = [build_optimizer(part, cfg.optimizer, self.accel.type) for part in self.model.parts]
         self.step = 0
+
+    def _hf_start(self, hf_dir: Path):
+        """Architecture from HF_DIR's config.json; the weights source for `parallelize` (model.init=hf:DIR)."""
+        from zili.interop.hf import args_from_config, read_config
+        from zili.interop.import_hf import HFWeights
+
+        overrides = [k for k, v in vars(self.cfg.model).items() if k not in ("preset", "init") and v is not None]
+        if overrides:
+            raise UserError(f"model.{overrides[0]} cannot be combined with model.init={self.cfg.model.init!r} — the "
+                            "architecture comes from its config.json; drop the override")
+        self.args, family = args_from_config(read_config(hf_dir))
+        theirs, ours = hf_dir / "tokenizer.json", self.dataset.tokenizer_dir / "tokenizer.json"
+        if not theirs.is_file() or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model"):
+            raise UserError(f"the dataset {self.dataset.directory} was not tokenized with {hf_dir}'s tokenizer — "
+                            f"prepare it with `zili data prepare --tokenizer {hf_dir} ...`")
+        if self.tokenizer.vocab_size > self.args.vocab_size:
+            raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {hf_dir} only "
+                            f"{self.args.vocab_size} embeddings — the checkpoint and its tokenizer do not match")
+        self.hf = {"family": family, "source": str(hf_dir.resolve())}
+        with torch.device("meta"):
+            return HFWeights(hf_dir, Transformer(self.args))
 
     # ---- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, torch.Tensor]:
@@ -115,6 +144,8 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"zili_version": __version__, "model": self.args.to_dict(), "layout": self.dims.describe()}
+        if self.hf:
+            meta["hf"] = self.hf  # export-hf writes the same family, in the source dtype
         checkpoint.save(self.run_dir, self.step, self.model.parts, self.optimizers, self.trainer_state(), meta,
                         self.cfg.checkpoint.keep)
 
