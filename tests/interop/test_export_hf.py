@@ -27,6 +27,12 @@ def test_import_then_export_is_bit_identical(hf_models, tmp_path, kind):
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == json.loads((hf_models[kind] / "config.json").read_text())["architectures"]
+    # the classic config form it writes gives transformers the same model (rope scaling included)
+    tokens = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = [transformers.AutoModelForCausalLM.from_pretrained(d).eval()(input_ids=tokens).logits
+                  for d in (hf_models[kind], out)]
+    assert torch.equal(logits[0], logits[1])
 
 
 @pytest.fixture(scope="module")
