@@ -191,6 +191,31 @@ def load_chips() -> dict[str, dict]:
     return tomllib.loads(CHIPS_FILE.read_text())["chip"]
 
 
+CHIP_COLUMNS = (("bf16_tflops", "bf16 TF/s"), ("fp16_tflops", "fp16 TF/s"), ("fp8_tflops", "fp8 TF/s"),
+                ("hbm_gb", "HBM GB"), ("hbm_tbps", "HBM TB/s"), ("scale_up_gbps", "scale-up GB/s"),
+                ("scale_out_gbps", "scale-out GB/s"))
+
+
+def describe_chips() -> str:
+    """The chip table as text, one row per chip; `?` marks figures the table flags as unsure, `-` a mode the
+    chip lacks."""
+    header = ["chip", *(title for _, title in CHIP_COLUMNS)]
+    rows = []
+    for name, row in load_chips().items():
+        if row.get("measured"):
+            rows.append([name, *["measured" if key == "bf16_tflops" else "" for key, _ in CHIP_COLUMNS]])
+            continue
+        cells = [name]
+        for key, _ in CHIP_COLUMNS:
+            value = row.get(key, 0)
+            text = "-" if not value else f"{value:g}"
+            cells.append(text + ("?" if key in row.get("unsure", ()) else ""))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+    return "\n".join(lines) + "\n\n? = unsure (see `source` in zili/chips.toml); - = not supported; dense peaks, no sparsity"
+
+
 def chip_row_for(device_name: str) -> dict | None:
     """The chip-table row whose `match` strings all occur in the device's name, if any."""
     for name, row in load_chips().items():

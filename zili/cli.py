@@ -17,6 +17,7 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili generate RUN_DIR --prompt TEXT                  sample from a trained run
   zili data prepare --input PATHS --tokenizer DIR --output DIR
   zili data train-tokenizer --input PATHS --vocab-size N --output DIR
+  zili chips [--json]                                  the chip table (peak TFLOP/s, HBM, bandwidths)
   zili import-hf HF_DIR RUN_DIR                        a Hugging Face Qwen2/Llama checkpoint -> a zili run
   zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
 
@@ -117,7 +118,22 @@ def _export_hf(argv: list[str]) -> None:
     print(f"wrote {export_hf(args.run_dir, args.out_dir, args.step, args.dtype, int(args.max_shard_gb * 1e9))}")
 
 
-COMMANDS = {"train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
+def _chips(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="zili chips", description="Print the chip table (zili/chips.toml) that MFU, "
+                                                                     "bench and plan use.")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    from zili.accel import describe_chips, load_chips
+
+    if args.json:
+        import json
+
+        print(json.dumps(load_chips(), indent=1))
+    else:
+        print(describe_chips())
+
+
+COMMANDS = {"chips": _chips, "train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> None:

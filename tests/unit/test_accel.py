@@ -1,0 +1,91 @@
+"""The accelerator layer: device and backend choice (vendor plugins absent, and simulated present), the
+chip table, and the rule that nothing outside zili/accel.py touches a device module."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from zili import accel
+
+REQUIRED_ROWS = ["a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h800", "h200", "b200", "mi250x", "mi300x",
+                 "gaudi2", "gaudi3", "tpu-v4", "tpu-v5p", "ascend-910", "ascend-910b", "ascend-910c", "cpu"]
+FIGURES = ["bf16_tflops", "fp16_tflops", "fp8_tflops", "fp32_tflops", "hbm_gb", "hbm_tbps", "scale_up_gbps",
+           "scale_out_gbps"]
+
+
+def test_chip_table_has_every_required_row_with_sane_figures():
+    chips = accel.load_chips()
+    assert set(REQUIRED_ROWS) <= set(chips)
+    for name, row in chips.items():
+        assert row.get("source"), name
+        if row.get("measured"):
+            continue
+        for key in FIGURES:
+            assert isinstance(row[key], (int, float)) and row[key] >= 0, (name, key)
+        assert row["hbm_gb"] > 0 and row["hbm_tbps"] > 0 and max(row["bf16_tflops"], row["fp16_tflops"]) > 0, name
+        assert set(row.get("unsure", [])) <= set(FIGURES), name
+        assert row["fp8_tflops"] == 0 or row["fp8_tflops"] >= row["fp16_tflops"], name
+
+
+def test_zili_chips_prints_every_row(zili_cli):
+    proc = zili_cli("chips")
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()[1:] if line.strip() and not line.startswith("?")]
+    assert names == list(accel.load_chips())
+    assert "2250?" in proc.stdout  # b200 bf16 is flagged unsure
+
+
+def test_peak_comes_from_the_matching_row(monkeypatch):
+    monkeypatch.setattr(accel.Accelerator, "chip_name", lambda self: "NVIDIA H100 80GB HBM3")
+    assert accel.Accelerator(torch.device("cpu")).peak_flops(torch.bfloat16) == 989e12
+    assert accel.chip_row_for("NVIDIA H100 PCIe")["name"] == "h100-pcie"
+    assert accel.chip_row_for("Ascend910B3")["name"] == "ascend-910b"
+    assert accel.chip_row_for("Some Unknown Chip") is None
+
+
+def test_no_device_module_outside_the_accelerator_layer():
+    root = Path(accel.__file__).parent
+    pattern = re.compile(r"torch\.(cuda|npu|mlu|musa|xpu|mps)\b|import torch_(npu|mlu|musa)|from torch_(npu|mlu|musa)")
+    offenders = [f"{path.relative_to(root.parent)}:{i}" for path in root.rglob("*.py") if path.name != "accel.py"
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+def test_cpu_without_plugins(monkeypatch):
+    monkeypatch.setattr(accel.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert accel.detect_device_type() == "cpu"
+    assert accel.get_accelerator("auto").backend == "gloo"
+
+
+@pytest.mark.parametrize("plugin,device_type,backend", [("torch_npu", "npu", "hccl"), ("torch_mlu", "mlu", "cncl"),
+                                                        ("torch_musa", "musa", "mccl")])
+def test_vendor_plugin_is_imported_and_picks_its_backend(monkeypatch, plugin, device_type, backend):
+    imported = []
+    fake = types.ModuleType(plugin)
+    monkeypatch.setitem(sys.modules, plugin, fake)
+    monkeypatch.setattr(accel.importlib.util, "find_spec", lambda name: object() if name == plugin else None)
+    real_import = accel.importlib.import_module
+    monkeypatch.setattr(accel.importlib, "import_module", lambda name: imported.append(name) or real_import(name))
+    # what the plugin does on import: PyTorch then reports its device as the current accelerator
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: types.SimpleNamespace(type=device_type))
+    assert accel.detect_device_type() == device_type
+    assert imported == [plugin]
+    assert accel.Accelerator(types.SimpleNamespace(type=device_type)).backend == backend
+
+
+@pytest.mark.parametrize("device_type,backend", [("cuda", "nccl"), ("xpu", "xccl"), ("cpu", "gloo"), ("mps", "gloo")])
+def test_backend_per_device_type(device_type, backend):
+    assert accel.Accelerator(types.SimpleNamespace(type=device_type)).backend == backend
+
+
+def test_unavailable_device_is_one_line_error():
+    with pytest.raises(accel.UserError, match="not available on this machine"):
+        accel.get_accelerator("cuda")
