@@ -6,6 +6,7 @@ User errors (zili.errors.UserError) print one line, `error: what is wrong — ho
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import os
 import sys
 
@@ -17,6 +18,8 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili generate RUN_DIR --prompt TEXT                  sample from a trained run
   zili data prepare --input PATHS --tokenizer DIR --output DIR
   zili data train-tokenizer --input PATHS --vocab-size N --output DIR
+  zili bench [--workload NAME] [--steps N] [--json PATH]   measure a standard workload on this device
+  zili bench --compare A.json B.json ... [--png F]      compare bench results side by side
   zili chips [--json]                                  the chip table (peak TFLOP/s, HBM, bandwidths)
   zili import-hf HF_DIR RUN_DIR                        a Hugging Face Qwen2/Llama checkpoint -> a zili run
   zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
@@ -133,7 +136,44 @@ def _chips(argv: list[str]) -> None:
         print(describe_chips())
 
 
-COMMANDS = {"chips": _chips, "train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
+def _bench(argv: list[str]) -> None:
+    from zili.bench.workloads import WORKLOADS
+
+    parser = argparse.ArgumentParser(prog="zili bench", description="Measure a standard training workload on this "
+                                     "device (tokens/s, TFLOP/s, MFU, peak memory, ratio to an A100-80GB), or "
+                                     "compare saved results.")
+    parser.add_argument("--workload", default="dense-125m", choices=list(WORKLOADS), help="default dense-125m")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: the workload's)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the workload's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (compilation not timed)")
+    parser.add_argument("--json", dest="json_path", help="also write the result to this file")
+    parser.add_argument("--compare", nargs="+", metavar="JSON", help="print these results side by side and chart them")
+    parser.add_argument("--png", default="bench-compare.png", help="chart file for --compare (default bench-compare.png)")
+    args = parser.parse_args(argv)
+    import json
+
+    if args.compare:
+        from zili.bench.compare import chart, read_results, table
+
+        results = read_results(args.compare)
+        print(table(results))
+        print(f"chart: {chart(results, Path(args.png))}")
+        return
+    from zili.bench.measure import run_bench
+
+    result = run_bench(args.workload, args.steps, args.warmup, args.device, args.dtype, args.batch, args.seq,
+                       args.compile)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json_path:
+        Path(args.json_path).write_text(text + "\n")
+
+
+COMMANDS = {"bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,66 @@
+"""`zili bench`: a standard workload measured on this CPU, and the side-by-side comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zili.accel import load_chips
+from zili.bench.workloads import WORKLOADS
+from zili.models.flops import flops_per_token, param_counts
+
+FIELDS = ("device", "chip", "workload", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "a100_ratio")
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    """dense-125m, shrunk to 1 x 64 tokens so that it takes seconds here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("bench") / "cpu.json"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "ZILI_CACHE": str(out.parent / "cache"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "zili", "bench", "--workload", "dense-125m", "--steps", "2",
+                           "--warmup", "1", "--batch", "1", "--seq", "64", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(out.read_text())
+    return out
+
+
+def test_bench_result_is_consistent(bench_json):
+    r = json.loads(bench_json.read_text())
+    assert all(r[k] is not None for k in FIELDS)
+    assert r["device_type"] == "cpu" and r["chip"] == "cpu" and r["workload"] == "dense-125m"
+    args = WORKLOADS["dense-125m"].args
+    assert 120e6 < r["params"] == param_counts(args)["total"] < 140e6
+    per_token = flops_per_token(args, 64)
+    assert r["tokens_per_s"] == pytest.approx(2 * 1 * 64 / (2 * r["step_s"]))
+    assert r["tflops"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12)
+    assert r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"])
+    a100 = load_chips()["a100-80gb"]["bf16_tflops"] * 1e12 * r["a100_reference_mfu"] / per_token
+    assert r["a100_ratio"] == pytest.approx(r["tokens_per_s"] / a100)
+    assert r["peak_mem_gb"] > 0.5  # fp32 weights + AdamW state of 134 M parameters
+
+
+def test_compare_prints_both_and_charts_them(bench_json, tmp_path, zili_cli):
+    other = json.loads(bench_json.read_text())
+    other.update(device="NVIDIA H100 80GB HBM3", chip="h100-sxm", tokens_per_s=other["tokens_per_s"] * 50, mfu=0.4)
+    (tmp_path / "gpu.json").write_text(json.dumps(other))
+    png = tmp_path / "chart.png"
+    proc = zili_cli("bench", "--compare", bench_json, tmp_path / "gpu.json", "--png", png)
+    assert proc.returncode == 0, proc.stderr
+    assert "(cpu)" in proc.stdout and "(h100-sxm)" in proc.stdout and "40.0%" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_bad_bench_input_is_one_line(tmp_path, zili_cli):
+    (tmp_path / "x.json").write_text("{}")
+    for args in (["--compare", tmp_path / "x.json"], ["--steps", "0"]):
+        proc = zili_cli("bench", *args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")

@@ -1,0 +1,1 @@
+"""`zili bench`: standard training workloads measured on this device, and the side-by-side comparison."""
