@@ -11,10 +11,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib
+import importlib.util
 import json
 import os
 import platform
 import resource
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -48,6 +50,20 @@ def _load_vendor_plugins() -> None:
 def _module_for(device_type: str):
     """torch.cuda, torch.npu, torch.xpu ... (None for cpu)."""
     return None if device_type == "cpu" else getattr(torch, device_type, None)
+
+
+def vendor_ops(device_type: str):
+    """The vendor plugin module holding fused kernels for `device_type` (torch_npu for "npu"), if installed
+    and already imported (it is, once an NPU was chosen); else None."""
+    name = VENDOR_PLUGINS.get(device_type)
+    return sys.modules.get(name) if name else None
+
+
+def flash_attn_func():
+    """`flash_attn.flash_attn_func` if the optional flash-attention package is installed (CUDA), else None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    return importlib.import_module("flash_attn").flash_attn_func
 
 
 def detect_device_type() -> str:
@@ -146,7 +162,7 @@ class Accelerator:
         measured matmul probe cached per machine."""
         row = chip_row_for(self.chip_name())
         key = "bf16_tflops" if dtype == torch.bfloat16 else "fp32_tflops"
-        if row is not None and key in row:
+        if row is not None and row.get(key):  # 0 = unknown / no such mode: measure instead
             return row[key] * 1e12
         return measured_matmul_flops(self.device, dtype)
 
@@ -228,7 +244,7 @@ def chip_row_for(device_name: str) -> dict | None:
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
     """Achieved FLOP/s of a square matmul on `device` — the practical peak of a CPU. Cached per machine,
     thread count, torch version and dtype in cache_dir()/peak_flops.json."""
-    key = f"{cpu_model_name()}|{torch.get_num_threads()}|{torch.__version__}|{device.type}|{dtype}"
+    key = f"{Accelerator(device).chip_name()}|{torch.get_num_threads()}|{torch.__version__}|{device.type}|{dtype}"
     cache = cache_dir() / "peak_flops.json"
     try:
         known = json.loads(cache.read_text())
@@ -238,12 +254,16 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 
         return known[key]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    module = _module_for(device.type)
+    sync = getattr(module, "synchronize", lambda: None) if module is not None else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         runs += 1
+    sync()
     flops = 2 * size**3 * runs / (time.perf_counter() - start)
     known[key] = flops
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")

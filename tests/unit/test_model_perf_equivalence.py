@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zili.models.transformer as transformer
+import zili.kernels as kernels
 from zili.infer.generate import generate
 from zili.models.args import ModelArgs
-from zili.models.transformer import Transformer, causal_attention
+from zili.kernels import causal_attention
+from zili.models.transformer import Transformer
 from zili.train.step import lm_loss
 
 
@@ -101,8 +102,8 @@ def test_matmul_and_sdpa_attention_paths_agree(monkeypatch):
     other = copy.deepcopy(model)
     tokens = torch.randint(0, 101, (2, 33))
     results = {}
-    for name, limit in (("matmul", transformer.MATMUL_ATTENTION_MAX_SCORES), ("sdpa", 0)):
-        monkeypatch.setattr(transformer, "MATMUL_ATTENTION_MAX_SCORES", limit)
+    for name, limit in (("matmul", kernels.MATMUL_ATTENTION_MAX_SCORES), ("sdpa", 0)):
+        monkeypatch.setattr(kernels, "MATMUL_ATTENTION_MAX_SCORES", limit)
         m = model if name == "matmul" else other
         for dtype in (torch.float32, torch.bfloat16):
             m.zero_grad()

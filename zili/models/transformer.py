@@ -1,9 +1,9 @@
 """A decoder-only transformer covering the Llama 3 and Qwen2 families, in plain PyTorch.
 
-RMSNorm -> grouped-query attention with RoPE (through scaled_dot_product_attention) -> RMSNorm -> SwiGLU,
-each with a residual connection; optional q/k/v bias (Qwen2), tied or untied output head. Training on
-CPU at moderate sequence lengths computes attention with plain matmuls instead (`causal_attention`):
-same math, 1.3-2.5x faster there than the CPU flash kernel's forward + backward.
+RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, each with a residual connection;
+optional q/k/v bias (Qwen2), tied or untied output head. Attention, RMSNorm and the rotation go through
+`zili.kernels`, which picks the kernel for the device (scaled_dot_product_attention by default, batched
+matmuls for CPU training, torch_npu's fused kernels on Ascend, flash-attn on CUDA if installed).
 
 Rotary layout: half-split (GPT-NeoX / Hugging Face), i.e. the feature pairs rotated together are
 (i, i + head_dim/2), not the interleaved (2i, 2i+1) pairs of Meta's original checkpoints. Hugging Face
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zili import kernels
 from zili.models.args import ModelArgs
 
 
@@ -57,45 +58,6 @@ def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()])
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by position; cos/sin are (T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-# Largest batch * heads * T * T for which CPU training uses `causal_attention` (its saved attention
-# probabilities cost about 1 byte per element in bf16); longer sequences use PyTorch's flash kernel, and
-# so does everything without gradients (evaluation, generation), where the flash forward is faster.
-MATMUL_ATTENTION_MAX_SCORES = 1 << 27
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + causal mask) v, in q's dtype, with plain batched matmuls.
-
-    q (B, H, T, head_dim); k, v (B, KV, T, head_dim), KV head j serving query heads j*H/KV .. (j+1)*H/KV - 1.
-    For training on CPU it beats the flash kernel of `scaled_dot_product_attention` (forward + backward,
-    bf16, 2 cores: 2.4x at T=512, 1.3x at T=2048), whose forward alone is faster. The H/KV query heads
-    sharing a KV head are stacked into one matrix, so keys and values are never repeated. Queries go in
-    blocks of `block` positions, each against the keys up to its last position only, which skips most of
-    the masked upper triangle.
-    """
-    B, H, T, d = q.shape
-    kv = k.shape[1]
-    group = H // kv
-    k, v = k.reshape(B * kv, T, d), v.reshape(B * kv, T, d)
-    future = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-    outs = []
-    with torch.autocast(q.device.type, enabled=False):  # all in q's dtype; softmax accumulates in fp32
-        for t0 in range(0, T, block):
-            t1 = min(T, t0 + block)
-            q_block = q[:, :, t0:t1].reshape(B * kv, group * (t1 - t0), d)
-            mask = future[t0:t1, :t1].repeat(group, 1)
-            scores = torch.baddbmm(mask, q_block, k[:, :t1].transpose(1, 2), alpha=1.0 / math.sqrt(d))
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1]).view(B, H, t1 - t0, d))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-
 def canonical_name(name: str) -> str:
     """A parameter's name without the wrapper prefixes that activation checkpointing or torch.compile insert."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
@@ -108,7 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        out = kernels.rms_norm(x, self.weight, self.eps)
         # Under autocast every consumer is a matmul that would cast to the compute dtype anyway (q, k and
         # v each separately): cast once here instead.
         if torch.is_autocast_enabled(x.device.type):
@@ -149,10 +111,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope[0, start_pos : start_pos + T], rope[1, start_pos : start_pos + T]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        small = B * q.shape[1] * T * T <= MATMUL_ATTENTION_MAX_SCORES
-        if cache is None and T > 1 and x.device.type == "cpu" and small and torch.is_grad_enabled():
-            return self.o_proj(causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(layer, start_pos, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
@@ -162,10 +121,7 @@ class Attention(nn.Module):
                 key_pos = torch.arange(k.shape[2], device=x.device)
                 query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
                 mask = key_pos[None, :] <= query_pos[:, None]
-        if k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        out = kernels.attention(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -248,8 +248,8 @@ class Trainer:
         log = MetricsLog(self.run_dir, t.steps, self.step, enabled=main, progress=cfg.metrics.progress)
         flops = flops_per_token(self.args, t.seq_len)
         # per-device peak from rank 0 (on CPU a measured probe: one rank measures, not all at once)
-        peak_here = torch.tensor(self.accel.peak_flops(self.dtype) if main else 0.0, dtype=torch.float64)
-        peak = float(distributed.all_reduce(peak_here)) * self.world_size
+        peak_here = torch.tensor(self.accel.peak_flops(self.dtype) / 1e12 if main else 0.0)  # TFLOP/s, fp32
+        peak = float(distributed.all_reduce(peak_here)) * 1e12 * self.world_size
         tokens_per_step = t.batch_size * t.seq_len  # global: all ranks together
 
         if self.step == 0 and t.eval_every and self.loader.n_val:
