@@ -99,7 +99,12 @@ class Accelerator:
             return True
         module = _module_for(self.type)
         check = getattr(module, "is_bf16_supported", None)
-        return bool(check()) if check is not None else True
+        if check is not None:
+            return bool(check())
+        try:  # no query (e.g. MPS): try one bf16 operation on the device
+            return bool((torch.ones(2, device=self.device, dtype=torch.bfloat16) * 2).sum().item() == 4)
+        except (RuntimeError, TypeError):
+            return False
 
     def compute_dtype(self, name: str) -> torch.dtype:
         """'bf16' -> torch.bfloat16 where supported (else fp32, with a warning); 'fp32' -> torch.float32."""
@@ -130,7 +135,8 @@ class Accelerator:
         module = _module_for(self.type)
         if module is not None and hasattr(module, "max_memory_allocated"):
             return module.max_memory_allocated(self.device) / 1e9
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
     def seed(self, seed: int) -> None:
         """Seed torch's CPU and device generators."""
@@ -173,11 +179,15 @@ def get_accelerator(requested: str = "auto", local_rank: int | None = None) -> A
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device_type = detect_device_type() if requested == "auto" else requested.split(":")[0]
-    if requested != "auto":
+    if requested != "auto" and device_type != "cpu":
         _load_vendor_plugins()
         try:
             torch.device(requested)
         except RuntimeError:
+            plugin = VENDOR_PLUGINS.get(device_type)
+            if plugin and importlib.util.find_spec(plugin) is None:
+                raise UserError(f"training.device {requested!r} needs the {plugin} plugin, which is not installed — "
+                                f"install the {plugin} release matching your torch (docs/accelerators.md)") from None
             raise UserError(f"training.device {requested!r} is not a torch device — use auto, cpu, cuda, npu, xpu, mps ...") from None
         module = _module_for(device_type)
         if device_type != "cpu" and (module is None or not module.is_available()):
@@ -208,6 +218,7 @@ def load_chips() -> dict[str, dict]:
 
 
 CHIP_COLUMNS = (("bf16_tflops", "bf16 TF/s"), ("fp16_tflops", "fp16 TF/s"), ("fp8_tflops", "fp8 TF/s"),
+                ("fp32_tflops", "fp32 TF/s"),
                 ("hbm_gb", "HBM GB"), ("hbm_tbps", "HBM TB/s"), ("scale_up_gbps", "scale-up GB/s"),
                 ("scale_out_gbps", "scale-out GB/s"))
 

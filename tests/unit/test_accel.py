@@ -89,3 +89,13 @@ def test_backend_per_device_type(device_type, backend):
 def test_unavailable_device_is_one_line_error():
     with pytest.raises(accel.UserError, match="not available on this machine"):
         accel.get_accelerator("cuda")
+
+
+def test_missing_plugin_is_named(monkeypatch):
+    monkeypatch.setattr(accel.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(accel.UserError, match="needs the torch_npu plugin, which is not installed"):
+        accel.get_accelerator("npu")
+
+
+def test_cpu_peak_memory_is_reported_in_gb():
+    assert 0.01 < accel.Accelerator(torch.device("cpu")).peak_memory_gb() < 64
