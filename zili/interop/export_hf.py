@@ -20,8 +20,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import save_file
 
 from zili.data.tokenizer import Tokenizer
@@ -41,18 +39,6 @@ def _parameters(args: ModelArgs) -> list[tuple[str, torch.Size]]:
     with torch.device("meta"):
         model = Transformer(args)
     return [(name, p.shape) for name, p in model.named_parameters()]
-
-
-def _read_tensor(path: Path, name: str, shape: torch.Size) -> torch.Tensor:
-    """Parameter `name` of checkpoint `path` (fp32), read alone."""
-    tensor = torch.empty(shape, dtype=torch.float32)
-    try:
-        with checkpoint._quiet():
-            dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:
-        raise UserError(f"checkpoint {path} has no usable {name!r} ({checkpoint._first_line(e)}) — "
-                        "it was not written by this model") from None
-    return tensor
 
 
 def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
@@ -102,7 +88,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = ((hf_name(name), _read_tensor(path, name, shape).to(DTYPES[dtype]))
+    tensors = ((hf_name(name), checkpoint.read_model_tensor(path, name, shape).to(DTYPES[dtype]))
                for name, shape in _parameters(args))
     weight_map = _write_shards(tensors, tmp, max_shard_bytes)
     if len(set(weight_map.values())) > 1:

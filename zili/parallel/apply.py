@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from zili.config import Config
 from zili.models.transformer import canonical_name, rope_table
-from zili.parallel.mesh import ParallelDims, stages_per_rank
+from zili.parallel.mesh import ParallelDims, pipeline_microbatches, stages_per_rank
 
 
 def apply_activation_checkpointing(model) -> None:
@@ -132,6 +132,6 @@ def parallelize(model, cfg: Config, dims: ParallelDims | None = None, mesh=None,
         part.to_empty(device=init_device)
         init_weights(part, seed, initial_value)
         parts.append(part)
-    microbatches = par.pp_microbatches or n_stages
-    schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), par.pp_schedule, microbatches, lm_loss)
+    schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), par.pp_schedule,
+                              pipeline_microbatches(par), lm_loss)
     return ParallelModel(parts, dims, mesh, schedule, has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids)

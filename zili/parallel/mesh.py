@@ -74,6 +74,11 @@ def stages_per_rank(par: ParallelismConfig) -> int:
     return 1 if par.pp_schedule in SINGLE_STAGE_SCHEDULES else 2
 
 
+def pipeline_microbatches(par: ParallelismConfig) -> int:
+    """Micro-batches per pipeline step: pp_microbatches, or by default one per pipeline stage."""
+    return par.pp_microbatches or par.pp * stages_per_rank(par)
+
+
 def check_layout(dims: ParallelDims, cfg: Config, args: ModelArgs) -> None:
     """Check that the model and the batch can be cut this way."""
     par, t = cfg.parallelism, cfg.training
@@ -100,7 +105,7 @@ def check_layout(dims: ParallelDims, cfg: Config, args: ModelArgs) -> None:
                         f"(dp_replicate*dp_shard) — use a multiple of {dims.dp}")
     local = t.batch_size // dims.dp
     if dims.pp > 1:
-        micro = par.pp_microbatches or dims.pp * stages_per_rank(par)
+        micro = pipeline_microbatches(par)
         if local % micro:
             raise UserError(f"the local batch of {local} sequences does not split into pp_microbatches={micro} — "
                             f"make training.batch_size / dp a multiple of it")

@@ -106,26 +106,34 @@ def _part_states(parts, optimizers) -> list[tuple[dict, dict]]:
             for part, opt in zip(parts, optimizers)]
 
 
-def save(run_dir: Path, step: int, parts, optimizers, trainer_state: dict[str, torch.Tensor], meta: dict,
-         keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Collective under torch.distributed."""
+def _write(run_dir: Path, step: int, state: dict, meta: dict) -> Path:
+    """DCP-save `state` into a temporary directory with meta.json, then rename it to step-NNNNNNN.
+    Collective under torch.distributed (every rank writes its shards; rank 0 creates and commits)."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if _is_writer():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = {}, {}
-    for model_part, optim_part in _part_states(parts, optimizers):
-        model_sd.update(model_part)
-        optim_sd.update(optim_part)
     with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp))
     if _is_writer():
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+    return final
+
+
+def save(run_dir: Path, step: int, parts, optimizers, trainer_state: dict[str, torch.Tensor], meta: dict,
+         keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Collective under torch.distributed."""
+    model_sd, optim_sd = {}, {}
+    for model_part, optim_part in _part_states(parts, optimizers):
+        model_sd.update(model_part)
+        optim_sd.update(optim_part)
+    final = _write(run_dir, step, {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, meta)
+    if _is_writer():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -134,17 +142,7 @@ def save(run_dir: Path, step: int, parts, optimizers, trainer_state: dict[str, t
 
 def save_model(run_dir: Path, step: int, model, meta: dict) -> Path:
     """Write a weights-only checkpoint (no optimizer or trainer state; e.g. an imported model), atomically."""
-    final = step_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with _quiet():
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+    return _write(run_dir, step, {"model": get_model_state_dict(model)}, meta)
 
 
 def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -177,3 +175,16 @@ def load_model(path: Path, model) -> None:
     except (Exception, CheckpointException) as e:
         raise UserError(f"checkpoint {path} does not fit this model ({_first_line(e)})") from None
     set_model_state_dict(model, state["model"])
+
+
+def read_model_tensor(path: Path, name: str, shape) -> torch.Tensor:
+    """Parameter `name` of checkpoint `path` as an fp32 tensor of `shape`, read alone (DCP reads only its
+    bytes, whatever number of ranks wrote it) — for streaming conversions."""
+    tensor = torch.empty(shape, dtype=torch.float32)
+    try:
+        with _quiet():
+            dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise UserError(f"checkpoint {path} has no usable {name!r} ({_first_line(e)}) — "
+                        "it was not written by this model") from None
+    return tensor
