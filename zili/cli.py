@@ -23,6 +23,9 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili chips [--json]                                  the chip table (peak TFLOP/s, HBM, bandwidths)
   zili import-hf HF_DIR RUN_DIR                        a Hugging Face Qwen2/Llama checkpoint -> a zili run
   zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
+  zili plan --model M --chip C --count N [--tokens 15T] [layout flags] [--verify] [--json]
+                                                       plan a run: memory, step time, MFU, days, best layouts
+  zili plan --budget-chip-hours H --chip C --count N   the compute-optimal model for a budget, and its layout
 
 Distributed: torchrun --nproc-per-node N -m zili train ...
 """
@@ -173,7 +176,72 @@ def _bench(argv: list[str]) -> None:
         Path(args.json_path).write_text(text + "\n")
 
 
-COMMANDS = {"bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
+def _plan(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zili plan", description="Plan a training run before spending a chip-hour: memory per chip, step "
+        "time (compute, exposed communication, pipeline bubble), MFU, tokens/s, days and chip-hours for the best "
+        "parallel layouts. Layout flags left out are searched. Method and assumptions: docs/planner.md.")
+    parser.add_argument("--model", default=None, help="a preset (e.g. llama3-70b, dense-1t) or a TOML model file")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the file's; 4096 "
+                        "for presets)")
+    parser.add_argument("--chip", required=True, help="a chip-table row (zili chips) or a TOML chip file")
+    parser.add_argument("--count", type=int, required=True, help="number of chips")
+    parser.add_argument("--per-node", type=int, default=8, help="chips per node / scale-up domain (default 8)")
+    parser.add_argument("--tokens", default=None, help="training tokens, e.g. 15T or 300B (default 20 x parameters)")
+    parser.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (default "
+                        "about 4M tokens)")
+    for flag, kind, text in (("tp", int, "tensor parallel degree"), ("pp", int, "pipeline stages"),
+                             ("vpp", int, "virtual stages per pipeline rank"), ("cp", int, "context parallel"),
+                             ("ep", int, "expert parallel"), ("dp-shard", int, "FSDP / ZeRO shard degree"),
+                             ("dp-replicate", int, "replica degree"), ("microbatch", int, "sequences per micro-batch")):
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    parser.add_argument("--zero", type=int, choices=(1, 2, 3), default=None, help="ZeRO stage (zili's FSDP2 is 3)")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default=None)
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                        help="sequence parallelism with tp (default: on when tp > 1)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default=None, help="compute dtype (default bf16)")
+    parser.add_argument("--top", type=int, default=5, help="layouts to show (default 5)")
+    parser.add_argument("--verify", action="store_true", help="build the real model for the first layout under a "
+                        "fake process group of the full world size and compare its bytes with the analytic ones")
+    parser.add_argument("--budget-chip-hours", type=float, default=None, help="propose the compute-optimal model "
+                        "and token count for this many chip-hours (instead of --model)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_args(argv)
+    from zili.plan.planner import make_plan
+    from zili.plan.report import table, to_json
+    from zili.plan.spec import load_arch, load_cluster, parse_count
+
+    if (args.model is None) == (args.budget_chip_hours is None):
+        raise UserError("give either --model (plan that model) or --budget-chip-hours (propose one)")
+    if args.budget_chip_hours is not None and args.budget_chip_hours <= 0:
+        raise UserError("--budget-chip-hours must be positive")
+    for name in ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "microbatch", "global_batch", "top",
+                 "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    cluster = load_cluster(args.chip, args.count, args.per_node)
+    model_args = None
+    if args.model:
+        arch = load_arch(args.model, args.seq_len)
+        from zili.models.presets import PRESETS
+
+        model_args = PRESETS.get(args.model)
+    else:
+        from zili.plan.spec import Arch
+
+        arch = Arch(n_layers=1, dim=128, n_heads=1, n_kv_heads=1, ffn_dim=256, vocab_size=128256,
+                    seq_len=args.seq_len or 4096)
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "zero",
+                                           "microbatch", "recompute", "sequence_parallel", "dtype")
+             if getattr(args, k) is not None}
+    tokens = parse_count(args.tokens, "--tokens") if args.tokens else None
+    plan = make_plan(args.model or "", arch, cluster, fixed, args.global_batch, tokens, args.top, args.verify,
+                     model_args, args.budget_chip_hours)
+    print(to_json(plan) if args.json else table(plan))
+
+
+COMMANDS = {"plan": _plan, "bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,53 +1,107 @@
 """The ONE parameter and FLOPs accountant, used by MFU logging, `zili bench` and `zili plan`.
 
+It reads an architecture by attribute: zili's `ModelArgs`, or the planner's `Arch`, which adds fields the
+trainer does not build (a GELU MLP, mixture-of-experts layers). Missing attributes take zili's values:
+`mlp="swiglu"`, no experts.
+
 Model FLOPs per token (training, forward + backward), following the PaLM appendix B convention:
 
     flops_per_token = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
 
-- N_matmul counts every weight that takes part in a matrix multiply for each token: the q/k/v/o and
-  SwiGLU projections of every block plus the output head (the tied embedding counts here once, as the
-  head). The input embedding lookup is not a matmul and is excluded; norms and biases are negligible.
+- N_matmul counts every weight that takes part in a matrix multiply for each token: the q/k/v/o and MLP
+  projections of every block (for MoE layers: the router, the shared experts and the `top_k` routed experts a
+  token visits) plus the output head (the tied embedding counts here once, as the head). The input embedding
+  lookup is not a matmul and is excluded; norms and biases are negligible.
 - 6 = 2 FLOPs per multiply-add x (1 forward + 2 backward).
 - The attention term counts QK^T and AV (2 x 2 x seq_len x head_dim per head, times 3 for forward and
-  backward) without halving for the causal mask, as PaLM and torchtitan do.
-Recomputation (activation checkpointing) is hardware work, not model work, and is not counted.
+  backward) without halving for the causal mask, as PaLM, Megatron-LM and torchtitan do.
+Recomputation (activation checkpointing) is hardware work, not model work, and is not counted here; the
+planner adds it as hardware FLOPs from the forward terms below.
 """
 
 from __future__ import annotations
 
-from zili.models.args import ModelArgs
+
+def _moe(args) -> bool:
+    return getattr(args, "n_routed_experts", 0) > 0
 
 
-def param_counts(args: ModelArgs) -> dict[str, int]:
-    """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), total."""
-    hd = args.head_dim
+def moe_layers(args) -> int:
+    """How many blocks have a mixture-of-experts MLP (the first `n_dense_layers` stay dense)."""
+    return args.n_layers - getattr(args, "n_dense_layers", 0) if _moe(args) else 0
+
+
+def attention_params(args, bias: bool = True) -> int:
+    """q/k/v/o projection weights (+ the q/k/v bias if the model has one and `bias`) of one block."""
+    hd = args.dim // args.n_heads
     q_out, kv_out = args.n_heads * hd, args.n_kv_heads * hd
-    attn = args.dim * q_out + 2 * args.dim * kv_out + q_out * args.dim
-    if args.qkv_bias:
-        attn += q_out + 2 * kv_out
-    mlp = 3 * args.dim * args.ffn_dim
-    norms = 2 * args.dim * args.n_layers + args.dim
+    params = args.dim * q_out + 2 * args.dim * kv_out + q_out * args.dim
+    if bias and getattr(args, "qkv_bias", False):
+        params += q_out + 2 * kv_out
+    return params
+
+
+def _ffn_params(args, width: int) -> int:
+    """One MLP of hidden width `width`: 3 matrices for SwiGLU, 2 for GELU."""
+    return (3 if getattr(args, "mlp", "swiglu") == "swiglu" else 2) * args.dim * width
+
+
+def mlp_params(args, moe: bool) -> int:
+    """MLP weights of one block: dense, or (moe=True) router + shared + all routed experts."""
+    if not moe:
+        return _ffn_params(args, args.ffn_dim)
+    expert = _ffn_params(args, args.moe_ffn_dim)
+    return args.dim * args.n_routed_experts + (args.n_shared_experts + args.n_routed_experts) * expert
+
+
+def routed_expert_params(args) -> int:
+    """Routed-expert weights of one MoE block (the part expert parallelism splits)."""
+    return args.n_routed_experts * _ffn_params(args, args.moe_ffn_dim)
+
+
+def mlp_active_params(args, moe: bool) -> int:
+    """MLP weights one token multiplies with in one block."""
+    if not moe:
+        return _ffn_params(args, args.ffn_dim)
+    return args.dim * args.n_routed_experts + (args.n_shared_experts + args.top_k) * _ffn_params(args, args.moe_ffn_dim)
+
+
+def param_counts(args) -> dict[str, int]:
+    """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), total."""
+    n_moe = moe_layers(args)
+    mlp = (args.n_layers - n_moe) * mlp_params(args, False) + (n_moe * mlp_params(args, True) if n_moe else 0)
     embedding = args.vocab_size * args.dim
-    head = 0 if args.tied_embeddings else args.vocab_size * args.dim
     counts = {
         "embedding": embedding,
-        "attention": attn * args.n_layers,
-        "mlp": mlp * args.n_layers,
-        "norms": norms,
-        "head": head,
+        "attention": attention_params(args) * args.n_layers,
+        "mlp": mlp,
+        "norms": 2 * args.dim * args.n_layers + args.dim,
+        "head": 0 if args.tied_embeddings else embedding,
     }
     counts["total"] = sum(counts.values())
     return counts
 
 
-def matmul_params(args: ModelArgs) -> int:
+def layer_forward_flops(args, seq_len: int, moe: bool = False) -> dict[str, float]:
+    """Forward FLOPs per token of one block: `matmul` (projections and MLP) and `attention` (QK^T and AV)."""
+    hd = args.dim // args.n_heads
+    matmul = 2 * (attention_params(args, bias=False) + mlp_active_params(args, moe))
+    return {"matmul": float(matmul), "attention": 4.0 * seq_len * args.n_heads * hd}
+
+
+def head_forward_flops(args) -> float:
+    """Forward FLOPs per token of the output head (logits)."""
+    return 2.0 * args.vocab_size * args.dim
+
+
+def matmul_params(args) -> int:
     """Weights used in a matmul per token: block projections plus the output head (tied or not)."""
-    hd = args.head_dim
-    per_layer = 2 * args.dim * args.n_heads * hd + 2 * args.dim * args.n_kv_heads * hd + 3 * args.dim * args.ffn_dim
-    return per_layer * args.n_layers + args.vocab_size * args.dim
+    n_moe = moe_layers(args)
+    mlp = (args.n_layers - n_moe) * mlp_active_params(args, False) + (n_moe * mlp_active_params(args, True) if n_moe else 0)
+    return attention_params(args, bias=False) * args.n_layers + mlp + args.vocab_size * args.dim
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+def flops_per_token(args, seq_len: int) -> float:
     """Training model FLOPs per token (forward + backward) at sequence length `seq_len`."""
-    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    attention = 12 * args.n_layers * args.n_heads * (args.dim // args.n_heads) * seq_len
     return 6.0 * matmul_params(args) + attention

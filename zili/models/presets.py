@@ -34,6 +34,12 @@ PRESETS: dict[str, ModelArgs] = {
                             **_LLAMA3),
     "llama3-405b": ModelArgs(n_layers=126, dim=16384, n_heads=128, n_kv_heads=8, ffn_dim=53248,
                              vocab_size=128256, **{**_LLAMA3, **_LLAMA31_SCALING}),
+    # dense-1t: 1.013 T parameters with the depth and width of Megatron-LM's 1 T GPT (Narayanan et al. 2021:
+    # 128 layers, dim 25,600, 160 heads) in zili's architecture: SwiGLU, RoPE, GQA with 8 KV heads, untied
+    # head (pipeline stages need their own), Llama 3 vocabulary; ffn_dim 84,480 (330 x 256) brings the block
+    # to ~12 dim^2 parameters like the GPT original. A planning target (`zili plan`), not a checkpoint.
+    "dense-1t": ModelArgs(n_layers=128, dim=25600, n_heads=160, n_kv_heads=8, ffn_dim=84480, vocab_size=128256,
+                          rope_theta=500_000.0, norm_eps=1e-5, max_seq_len=4096),
 }
 
 

@@ -1,0 +1,108 @@
+"""measure_rank_bytes: the per-rank bytes it measures on a fake world equal counts derived from the shapes."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from zili.errors import UserError
+from zili.models.args import ModelArgs
+from zili.parallel.mesh import ParallelDims
+from zili.plan.verify import measure_rank_bytes
+
+TINY = ModelArgs(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def _leaves_no_trace():
+    yield
+    assert not dist.is_initialized()
+    assert torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+
+
+def expected(blocks: int, embed: bool = False, head: bool = False, tp: int = 1, shard: int = 1, a: ModelArgs = TINY):
+    """fp32 params, grads and AdamW state (exp_avg, exp_avg_sq, a 4-byte step per tensor) of `blocks` decoder
+    blocks (+ embedding, + final norm and head), matrices split by tp, every tensor split by dp_shard."""
+    kv = a.n_kv_heads * a.head_dim
+    block = 2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.ffn_dim
+    matrices = blocks * block + (embed + head) * a.vocab_size * a.dim
+    norms = (2 * blocks + head) * a.dim  # replicated over tp
+    n = (matrices // tp + norms) // shard
+    tensors = 9 * blocks + embed + 2 * head
+    return {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n + 4 * tensors, "n_params_local": n}
+
+
+def check(result: dict, want: dict) -> None:
+    assert {k: result[k] for k in want} == want
+
+
+def test_single_process_holds_the_whole_model():
+    r = measure_rank_bytes(TINY, ParallelDims())
+    check(r, expected(4, embed=True, head=True))
+    assert r["n_params_local"] == 180_800 and r["stage_ids"] == [0] and r["world_size"] == 1
+
+
+def test_tensor_parallel_alone_splits_the_matrices():
+    r = measure_rank_bytes(TINY, ParallelDims(tp=2))
+    want = expected(4, embed=True, head=True, tp=2)
+    assert r["params"] == want["params"] and r["optimizer"] == want["optimizer"]
+    # without FSDP the embedding's gradient comes back replicated (full size) from DTensor's backward
+    assert r["grads"] == want["grads"] + 4 * TINY.vocab_size * TINY.dim // 2
+
+
+def test_first_and_last_pipeline_stage():
+    dims = ParallelDims(pp=2, dp_shard=2, tp=2)
+    first, last = measure_rank_bytes(TINY, dims, rank=0), measure_rank_bytes(TINY, dims, rank=7)
+    assert first["stage_ids"] == [0] and last["stage_ids"] == [1] and first["world_size"] == 8
+    check(first, expected(2, embed=True, tp=2, shard=2))
+    check(last, expected(2, head=True, tp=2, shard=2))
+    assert last["n_params_local"] - first["n_params_local"] == TINY.dim // 2  # the final norm, dp-sharded
+
+
+def test_interleaved_stages():
+    r = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_shard=2, tp=2), stages_per_rank=2, rank=7)
+    assert r["stage_ids"] == [1, 3]  # one block per stage; stage 3 is the last
+    check(r, expected(2, head=True, tp=2, shard=2))
+
+
+def test_dp_shard_divides_the_bytes():
+    replicated = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_replicate=4, tp=2))
+    hybrid = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_replicate=2, dp_shard=2, tp=2))
+    sharded = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_shard=4, tp=2))
+    check(replicated, expected(2, embed=True, tp=2))
+    check(hybrid, expected(2, embed=True, tp=2, shard=2))
+    check(sharded, expected(2, embed=True, tp=2, shard=4))
+    assert replicated["params"] == 2 * hybrid["params"] == 4 * sharded["params"]
+
+
+def test_middle_stage_of_a_64_rank_world():
+    r = measure_rank_bytes(TINY, ParallelDims(pp=4, dp_replicate=2, dp_shard=4, tp=2), rank=21)  # pp stride 16
+    assert r["stage_ids"] == [1] and r["world_size"] == 64
+    check(r, expected(1, tp=2, shard=4))  # one block, no embedding, no head
+
+
+def test_recompute_and_sequence_parallel_leave_persistent_bytes_alone():
+    r = measure_rank_bytes(TINY, ParallelDims(dp_shard=2, tp=2), activation_checkpointing=True, sequence_parallel=False)
+    check(r, expected(4, embed=True, head=True, tp=2, shard=2))
+
+
+@pytest.mark.parametrize("args, dims, kw, match", [
+    (TINY, ParallelDims(tp=4), {}, "n_kv_heads"),
+    (TINY, ParallelDims(pp=8), {}, "layers"),
+    (ModelArgs(**{**TINY.to_dict(), "tied_embeddings": True}), ParallelDims(pp=2), {}, "tied_embeddings"),
+    (TINY, ParallelDims(), {"stages_per_rank": 2}, "pp > 1"),
+    (TINY, ParallelDims(pp=2), {"stages_per_rank": 0}, "stages_per_rank=0"),
+    (TINY, ParallelDims(tp=2), {"rank": 2}, "outside"),
+])
+def test_refuses_impossible_layouts(args, dims, kw, match):
+    with pytest.raises(UserError, match=match):
+        measure_rank_bytes(args, dims, **kw)
+
+
+def test_refuses_to_run_beside_a_process_group():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match="process group already exists"):
+            measure_rank_bytes(TINY, ParallelDims())
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,45 @@
+"""Compute-optimal advice: which model to train, on how many tokens, for a budget of chip-hours.
+
+Chinchilla (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", Table 3 and approach 1):
+for a budget of C training FLOPs the loss is lowest near D = 20 tokens per parameter, and C = 6 N D, so
+
+    N = sqrt(C / 120) parameters,  D = 20 N tokens.
+
+C is what the chips deliver: chip-hours x 3600 x peak FLOP/s x MFU, where the MFU is the planner's for the
+best layout of the proposed model; we start from 0.4 and iterate until the size settles (3 rounds).
+
+The proposed shape is zili's block (SwiGLU, GQA, untied head) with Llama-3-like proportions:
+dim = 128 x n_layers (head size 128), ffn_dim = 3.5 x dim rounded to 256, 8 KV heads, vocabulary 128,256 —
+about 12.75 dim^2 parameters per layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+from zili.models.flops import param_counts
+from zili.plan.spec import Arch
+
+TOKENS_PER_PARAM = 20
+START_MFU = 0.4
+
+
+def shape_for(params: float, seq_len: int, vocab_size: int = 128256) -> Arch:
+    """A zili architecture with about `params` parameters (the one closest over layer counts)."""
+    best = None
+    for layers in range(2, 200):
+        dim = 128 * layers
+        heads = dim // 128
+        arch = Arch(n_layers=layers, dim=dim, n_heads=heads, n_kv_heads=8 if heads % 8 == 0 else heads,
+                    ffn_dim=max(256, round(3.5 * dim / 256) * 256), vocab_size=vocab_size, seq_len=seq_len)
+        gap = abs(math.log(param_counts(arch)["total"] / params))
+        if best is None or gap < best[0]:
+            best = (gap, arch)
+    return best[1]
+
+
+def compute_optimal(chip_hours: float, peak_flops: float, mfu: float) -> tuple[float, float]:
+    """(parameters, tokens) for `chip_hours` of chips with `peak_flops` FLOP/s each at `mfu`."""
+    budget = chip_hours * 3600 * peak_flops * mfu
+    params = math.sqrt(budget / (6 * TOKENS_PER_PARAM))
+    return params, TOKENS_PER_PARAM * params

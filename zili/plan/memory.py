@@ -1,0 +1,136 @@
+"""Memory per device (bytes) of a layout: weights, gradients, optimizer state, working buffers, activations.
+
+Weights (mixed precision, Adam), per parameter held by the device, Z = the ZeRO group (dp_shard x cp):
+- zero 3 (zili's FSDP2): fp32 master weight 4/Z, fp32 gradient 4/Z, Adam m and v 8/Z; plus the gathered
+  low-precision (2-byte) copies in `buffers`: two blocks in flight (prefetch), or the whole stage when
+  pp > 1 (zili keeps a stage's blocks gathered from forward to backward).
+- zero 1 / 2 (Megatron-LM style): 2-byte weight + fp32 master 4/Z, fp32 gradient 4 (zero 1) or 4/Z
+  (zero 2), Adam 8/Z — 18 bytes per parameter unsharded, the figure Megatron-LM papers use.
+Expert weights are split over ep x tp and sharded over Z/ep; everything else over tp and Z. The first stage
+holds the embedding, the last the head (also a copy of a tied embedding when pp > 1).
+
+Activations follow Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer Models),
+per layer and micro-batch of b sequences of s tokens (s/cp per device), hidden h, t = tp, a = heads, 2-byte
+values:
+- `gelu` (GPT block): s*b*h*(10 + 24/t) + 5*a*s^2*b/t without sequence parallelism; with it the 10*s*b*h
+  (norm inputs, dropout masks) are split by t as well; selective recomputation drops the 5*a*s^2*b of the
+  attention scores; full recomputation keeps only the layer input, 2*s*b*h (/t with sequence parallelism).
+- `swiglu` (zili's block, fused attention, no dropout): replicated 8*s*b*h (two norm inputs and outputs),
+  split by t: 2*s*b*(q + 2*kv) (rotated q, k and v), 2*s*b*h (attention output), 8*s*b*f (gate, up, silu,
+  product); MoE layers count the `top_k` + shared experts' tokens. Selective recomputation saves nothing
+  (the score matrix is never stored); full recomputation as above.
+The first pipeline stage holds min(m, p) micro-batches of its L/p layers (1F1B), times (1 + (p-1)/(p*v))
+when interleaved (v > 1): Korthikanti's formula. The last stage also holds one micro-batch of logits,
+6 bytes per vocabulary entry per token / t (2-byte logits + fp32 for the cross-entropy).
+"""
+
+from __future__ import annotations
+
+import math
+
+from zili.models import flops
+
+BYTES = 2  # activations and gathered weights, bytes per value (bf16 / fp16; fp8 runs keep 2-byte copies)
+
+
+def layers_on(arch, layout, stage: str) -> int:
+    """Blocks on the first or last pipeline stage's device (earlier stages take the remainder)."""
+    chunks = layout.pp * layout.vpp
+    per_chunk = arch.n_layers / chunks
+    if stage == "first":
+        return math.ceil(per_chunk) * layout.vpp if arch.n_layers % chunks else int(per_chunk) * layout.vpp
+    return math.floor(per_chunk) * layout.vpp
+
+
+def stage_params(arch, layout, stage: str) -> dict[str, float]:
+    """Parameters on one device of the `stage` ("first" | "last"), split by tp/ep, before ZeRO sharding:
+    `dense` (sharded over tp) and `expert` (routed experts, over ep x tp)."""
+    layers = layers_on(arch, layout, stage)
+    first_moe = arch.n_dense_layers if arch.is_moe else arch.n_layers
+    # MoE layers on this stage: the first stage meets the dense layers first, the last stage none
+    n_moe = max(0, layers - first_moe) if stage == "first" else (min(layers, flops.moe_layers(arch)))
+    n_dense_mlp = layers - n_moe
+    dense = layers * (flops.attention_params(arch) + 2 * arch.dim) + n_dense_mlp * flops.mlp_params(arch, False)
+    expert = 0.0
+    if n_moe:
+        routed = flops.routed_expert_params(arch)
+        dense += n_moe * (flops.mlp_params(arch, True) - routed)
+        expert = n_moe * routed / (layout.ep * layout.tp)
+    emb = arch.vocab_size * arch.dim
+    if stage == "first" or layout.pp == 1:
+        dense += emb
+    if stage == "last" and (not arch.tied_embeddings or layout.pp > 1):
+        dense += emb + arch.dim
+    return {"dense": dense / layout.tp, "expert": expert}
+
+
+def weight_bytes(arch, layout, stage: str) -> dict[str, float]:
+    """params / grads / optimizer / buffers bytes on one device of `stage`, per the ZeRO rules above."""
+    p = stage_params(arch, layout, stage)
+    z = layout.shard_group
+    z_expert = max(1, z // layout.ep)
+    n = p["dense"] + p["expert"]
+    sharded = p["dense"] / z + p["expert"] / z_expert  # parameters this device owns under ZeRO
+    if layout.zero == 3:
+        params, grads = 4 * sharded, 4 * sharded
+        layers = layers_on(arch, layout, stage)
+        gathered = n if layout.pp > 1 else n * min(layers, 2) / max(layers, 1)
+        buffers = BYTES * gathered
+    else:
+        params, grads, buffers = BYTES * n + 4 * sharded, (4 * n if layout.zero == 1 else 4 * sharded), 0.0
+    return {"params": params, "grads": grads, "optimizer": 8 * sharded, "buffers": buffers}
+
+
+def layer_activation_parts(arch, layout, moe: bool = False) -> tuple[float, float]:
+    """Activations of one layer for one micro-batch on one device without recomputation (bytes):
+    (everything but the attention scores, the attention scores), per the formulas above."""
+    s, b, h, t = arch.seq_len / layout.cp, layout.microbatch, arch.dim, layout.tp
+    div = t if layout.sequence_parallel else 1
+    if arch.mlp == "gelu":
+        replicated, split = 10 * s * b * h, 8 * s * b * h + 4 * s * b * arch.ffn_dim
+        return replicated / div + split / t, 5 * arch.n_heads * s * s * b / t
+    q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
+    width = arch.ffn_dim if not moe else arch.moe_ffn_dim * (arch.top_k + arch.n_shared_experts)
+    split = 2 * s * b * (q + 2 * kv) + 2 * s * b * h + 8 * s * b * width
+    return 8 * s * b * h / div + split / t, 0.0
+
+
+def layer_activation_bytes(arch, layout, moe: bool = False) -> float:
+    """Activations one layer keeps for one micro-batch on one device (bytes), with the layout's recomputation."""
+    if layout.recompute == "full":
+        return 2 * arch.seq_len / layout.cp * layout.microbatch * arch.dim / (
+            layout.tp if layout.sequence_parallel else 1)
+    rest, scores = layer_activation_parts(arch, layout, moe)
+    return rest + (0.0 if layout.recompute == "selective" else scores)
+
+
+def activation_bytes(arch, layout, global_batch: int, stage: str = "first") -> float:
+    """Activations held at the peak by one device of `stage` (bytes)."""
+    p, v = layout.pp, layout.vpp
+    m = layout.microbatches(global_batch)
+    layers = layers_on(arch, layout, stage)
+    in_flight = 1 if p == 1 else (min(m, p) if stage == "first" else 1)
+    factor = 1 + (p - 1) / (p * v) if (v > 1 and stage == "first") else 1.0
+    n_moe = flops.moe_layers(arch)
+    moe_share = n_moe / arch.n_layers
+    per_layer = (1 - moe_share) * layer_activation_bytes(arch, layout) + (
+        moe_share * layer_activation_bytes(arch, layout, moe=True) if n_moe else 0)
+    total = per_layer * layers * in_flight * factor
+    if stage == "last" or p == 1:
+        tokens = arch.seq_len / layout.cp * layout.microbatch
+        total += 6 * tokens * arch.vocab_size / layout.tp
+    return total
+
+
+def memory(arch, layout, global_batch: int) -> dict:
+    """The per-device breakdown (bytes) of the stage that needs the most: params, grads, optimizer, buffers,
+    activations, total, and which `stage` that is."""
+    best = None
+    for stage in (("first",) if layout.pp == 1 else ("first", "last")):
+        parts = weight_bytes(arch, layout, stage)
+        parts["activations"] = activation_bytes(arch, layout, global_batch, stage)
+        parts["total"] = sum(parts.values())
+        parts["stage"] = stage
+        if best is None or parts["total"] > best["total"]:
+            best = parts
+    return best

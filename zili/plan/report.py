@@ -1,0 +1,64 @@
+"""The plan as text (a table of the best layouts) or as JSON (`layouts[]`, one object per layout).
+
+JSON layout fields: tp, pp, vpp, cp, ep, dp_shard, dp_replicate, zero, microbatch, recompute,
+sequence_parallel, dtype, global_batch (sequences), mem_gb (1e9 bytes per chip), memory{params, grads,
+optimizer, buffers, activations, total: GB; stage}, step_s, time{compute_s, bubble_s, tp/pp/ep/cp/dp_comm_s,
+microbatches, hardware_flops}, tflops_per_device (model FLOPs), hardware_tflops_per_device, mfu, tokens_per_s,
+days and chip_hours for the token budget; `verify` = {measured_bytes, analytic_bytes, ...} with --verify.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def _fmt_count(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def to_json(plan: dict) -> str:
+    return json.dumps(plan, indent=1, default=float)
+
+
+def table(plan: dict) -> str:
+    """Human-readable plan: header, one row per layout, memory and time breakdowns, infeasible reasons."""
+    m, c = plan["model"], plan["cluster"]
+    lines = [f"model {m['name']}: {_fmt_count(m['params'])} parameters ({_fmt_count(m['active_params'])} active), "
+             f"seq_len {m['seq_len']}; {c['count']} x {c['chip']} ({c['per_node']} per node); "
+             f"{_fmt_count(plan['tokens'])} tokens"]
+    if plan.get("advice"):
+        lines.append(plan["advice"])
+    head = ["#", "layout", "batch", "mem GB", "params+grads+opt / act GB", "step s", "compute / comm / bubble s",
+            "TF/s/dev", "MFU", "tokens/s", "days", "chip-hours"]
+    rows = []
+    for i, r in enumerate(plan["layouts"], 1):
+        mem, t = r["memory"], r["time"]
+        comm = sum(t[k] for k in ("tp_comm_s", "pp_comm_s", "ep_comm_s", "cp_comm_s", "dp_comm_s"))
+        layout = (f"tp{r['tp']} pp{r['pp']}" + (f"v{r['vpp']}" if r["vpp"] > 1 else "")
+                  + "".join(f" {k}{r[k]}" for k in ("cp", "ep") if r[k] > 1)
+                  + f" dp{r['dp_replicate']}x{r['dp_shard']} z{r['zero']} mb{r['microbatch']} {r['recompute']}"
+                  + (" sp" if r["sequence_parallel"] else "") + f" {r['dtype']}")
+        rows.append([str(i), layout, str(r["global_batch"]), f"{r['mem_gb']:.1f}",
+                     f"{mem['params'] + mem['grads'] + mem['optimizer']:.1f} / {mem['activations']:.1f}",
+                     f"{r['step_s']:.3g}", f"{t['compute_s']:.3g} / {comm:.3g} / {t['bubble_s']:.3g}",
+                     f"{r['tflops_per_device']:.0f}", f"{r['mfu']:.1%}", _fmt_count(r["tokens_per_s"]),
+                     f"{r['days']:.3g}", _fmt_count(r["chip_hours"])])
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        lines.append("  ".join(cell.ljust(w) if j == 1 else cell.rjust(w) for j, (cell, w) in enumerate(zip(r, widths))))
+    for i, r in enumerate(plan["layouts"], 1):
+        if "verify" in r:
+            v = r["verify"]
+            lines.append(f"verify #{i} (rank {v['rank']} of {v['world_size']}, stages {v['stage_ids']}): measured "
+                         f"params+grads+optimizer {v['measured_bytes'] / 1e9:.3f} GB, analytic "
+                         f"{v['analytic_bytes'] / 1e9:.3f} GB ({v['measured_bytes'] / v['analytic_bytes'] - 1:+.2%})")
+    if plan["infeasible"]:
+        lines.append(f"{sum(plan['infeasible'].values())} of {plan['evaluated']} layouts cannot run; most common reasons:")
+        for why, n in sorted(plan["infeasible"].items(), key=lambda kv: -kv[1])[:3]:
+            lines.append(f"  {n:6d}  {why}")
+    lines.append(f"efficiency assumed: matmul {plan['assumptions']['matmul_efficiency']:.2f} of peak "
+                 f"({plan['assumptions']['calibration']}); see docs/planner.md")
+    return "\n".join(lines)
