@@ -129,7 +129,8 @@ def test_search_ranks_by_mfu_and_reports_infeasible(capsys):
     mfus = [r["mfu"] for r in plan["layouts"]]
     assert mfus == sorted(mfus, reverse=True) and len(mfus) == 3
     assert all(r["mem_gb"] <= 80 * 0.9 for r in plan["layouts"])
-    assert any("GB per chip" in why for why in plan["infeasible"])  # e.g. no sharding at all does not fit
+    assert any("GB per chip" in why for why in plan["infeasible"])
+    assert all(e["count"] >= 1 and e["example"] for e in plan["infeasible"].values())  # e.g. no sharding at all does not fit
 
 
 def test_moe_model_file(tmp_path, capsys):

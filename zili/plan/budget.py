@@ -6,11 +6,13 @@ for a budget of C training FLOPs the loss is lowest near D = 20 tokens per param
     N = sqrt(C / 120) parameters,  D = 20 N tokens.
 
 C is what the chips deliver: chip-hours x 3600 x peak FLOP/s x MFU, where the MFU is the planner's for the
-best layout of the proposed model; we start from 0.4 and iterate until the size settles (3 rounds).
+best layout of the proposed model; we start from 0.4 and repeat (size -> layout -> MFU -> size) until the MFU
+moves by less than half a point (at most 6 rounds). C = 6 N D leaves out the attention FLOPs, so the planned
+chip-hours come out a few percent above the budget for long sequences.
 
-The proposed shape is zili's block (SwiGLU, GQA, untied head) with Llama-3-like proportions:
-dim = 128 x n_layers (head size 128), ffn_dim = 3.5 x dim rounded to 256, 8 KV heads, vocabulary 128,256 —
-about 12.75 dim^2 parameters per layer.
+The proposed shape is zili's block (SwiGLU, GQA, untied head) with Llama-3-like proportions: dim a multiple
+of 1,024 between 64 and 192 x n_layers (closest to 128 x), head size 128 (so n_heads is a multiple of 8),
+8 KV heads, ffn_dim = 3.5 x dim rounded to 256, vocabulary 128,256 — about 12.6 dim^2 parameters per layer.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ def shape_for(params: float, seq_len: int, vocab_size: int = 128256) -> Arch:
     """A zili architecture with about `params` parameters (the one closest over layer counts)."""
     best = None
     for layers in range(2, 200):
-        dim = 128 * layers
-        heads = dim // 128
-        arch = Arch(n_layers=layers, dim=dim, n_heads=heads, n_kv_heads=8 if heads % 8 == 0 else heads,
-                    ffn_dim=max(256, round(3.5 * dim / 256) * 256), vocab_size=vocab_size, seq_len=seq_len)
-        gap = abs(math.log(param_counts(arch)["total"] / params))
-        if best is None or gap < best[0]:
-            best = (gap, arch)
+        for dim in range(1024, 192 * layers + 1, 1024):
+            if dim < 64 * layers:
+                continue
+            arch = Arch(n_layers=layers, dim=dim, n_heads=dim // 128, n_kv_heads=8,
+                        ffn_dim=round(3.5 * dim / 256) * 256, vocab_size=vocab_size, seq_len=seq_len)
+            score = (round(abs(math.log(param_counts(arch)["total"] / params)), 2), abs(math.log(dim / (128 * layers))))
+            if best is None or score < best[0]:
+                best = (score, arch)
     return best[1]
 
 

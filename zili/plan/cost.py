@@ -118,7 +118,7 @@ def step_time(arch, cluster, layout, global_batch: int) -> dict:
     z = layout.shard_group
     params = memory.stage_params(arch, layout, "first")
     n_params = params["dense"] + params["expert"]
-    bw_z = _bandwidth(cluster, st["dp_shard"] if layout.dp_shard > 1 else st["cp"], z)
+    bw_z = _bandwidth(cluster, st["cp"], z)  # the (dp_shard, cp) ranks: z of them, tp apart
     dp_mb = 0.0
     if layout.zero == 3 and z > 1:
         gathers = 1 if p > 1 else 2  # forward, and again in backward when resharded after forward

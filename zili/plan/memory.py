@@ -59,7 +59,7 @@ def stage_params(arch, layout, stage: str) -> dict[str, float]:
     emb = arch.vocab_size * arch.dim
     if stage == "first" or layout.pp == 1:
         dense += emb
-    if stage == "last" and (not arch.tied_embeddings or layout.pp > 1):
+    if (stage == "last" or layout.pp == 1) and (not arch.tied_embeddings or layout.pp > 1):
         dense += emb + arch.dim
     return {"dense": dense / layout.tp, "expert": expert}
 

@@ -26,10 +26,12 @@ def _model_info(name: str, arch: Arch) -> dict:
 
 
 def _assumptions(cluster: Cluster) -> dict:
-    calibrated = "matmul_efficiency" in cluster.row
+    from zili.plan.search import USABLE_HBM
+
+    given = "matmul_efficiency" in cluster.row
     return {"matmul_efficiency": cost.matmul_efficiency(cluster),
-            "calibration": "calibrated on published runs" if calibrated else "uncalibrated default for this chip",
-            "link_efficiency": cost.LINK_EFFICIENCY, "usable_hbm_fraction": 0.9,
+            "calibration": "the chip row's matmul_efficiency" if given else "uncalibrated default for this chip",
+            "link_efficiency": cost.LINK_EFFICIENCY, "usable_hbm_fraction": USABLE_HBM,
             "traffic_per_activation_byte": cost.TRAFFIC_PER_ACTIVATION_BYTE}
 
 
@@ -64,11 +66,11 @@ def make_plan(model_name: str, arch: Arch, cluster: Cluster, fixed: dict, global
     if budget_chip_hours:
         mfu = budget.START_MFU
         peak = cluster.peak_flops(fixed.get("dtype") or ("bf16" if cluster.row.get("bf16_tflops") else "fp16"))
-        for _ in range(3):
+        for _ in range(6):
             params, tokens = budget.compute_optimal(budget_chip_hours, peak, mfu)
             arch = budget.shape_for(params, arch.seq_len, arch.vocab_size)
-            found = search(arch, cluster, fixed, global_batch, tokens, top)
-            if not found["layouts"]:
+            found = search(arch, cluster, fixed, global_batch, tokens, 1)
+            if not found["layouts"] or abs(found["layouts"][0]["mfu"] - mfu) < 0.005:
                 break
             mfu = found["layouts"][0]["mfu"]
         model_name = f"compute-optimal-{param_counts(arch)['total'] / 1e9:.3g}b"
@@ -84,8 +86,9 @@ def make_plan(model_name: str, arch: Arch, cluster: Cluster, fixed: dict, global
         if found["rejected"] and len(found["infeasible"]) == 1 and found["evaluated"] == 1:
             raise UserError(f"layout {Layout(**{k: found['rejected'][0][k] for k in LAYOUT_KEYS}).describe()} "
                             f"cannot run: {found['rejected'][0]['infeasible']}")
-        why, n = max(found["infeasible"].items(), key=lambda kv: kv[1])
-        raise UserError(f"none of the {found['evaluated']} layouts can run; most often ({n}x): {why}")
+        top = max(found["infeasible"].values(), key=lambda e: e["count"])
+        raise UserError(f"none of the {found['evaluated']} layouts can run; most often ({top['count']}x): "
+                        f"{top['example']}")
     plan = {"model": _model_info(model_name, arch),
             "cluster": {"chip": cluster.chip, "count": cluster.count, "per_node": cluster.per_node,
                         "peak_tflops": cluster.peak_flops(found["layouts"][0]["dtype"]) / 1e12,

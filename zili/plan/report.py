@@ -56,9 +56,10 @@ def table(plan: dict) -> str:
                          f"params+grads+optimizer {v['measured_bytes'] / 1e9:.3f} GB, analytic "
                          f"{v['analytic_bytes'] / 1e9:.3f} GB ({v['measured_bytes'] / v['analytic_bytes'] - 1:+.2%})")
     if plan["infeasible"]:
-        lines.append(f"{sum(plan['infeasible'].values())} of {plan['evaluated']} layouts cannot run; most common reasons:")
-        for why, n in sorted(plan["infeasible"].items(), key=lambda kv: -kv[1])[:3]:
-            lines.append(f"  {n:6d}  {why}")
+        total = sum(e["count"] for e in plan["infeasible"].values())
+        lines.append(f"{total} of {plan['evaluated']} layouts cannot run; most common reasons (one example each):")
+        for e in sorted(plan["infeasible"].values(), key=lambda e: -e["count"])[:3]:
+            lines.append(f"  {e['count']:6d}  {e['example']}")
     lines.append(f"efficiency assumed: matmul {plan['assumptions']['matmul_efficiency']:.2f} of peak "
                  f"({plan['assumptions']['calibration']}); see docs/planner.md")
     return "\n".join(lines)

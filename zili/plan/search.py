@@ -14,6 +14,7 @@ microbatch 1, 2, 4, 8; recompute none, selective, full; sequence parallelism on 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import replace
 
 from zili.models import flops
@@ -32,12 +33,22 @@ def default_global_batch(arch, layout: Layout) -> int:
     return unit * max(per_unit, layout.pp)
 
 
+def _batch_too_large(arch, batch: int) -> str | None:
+    """Without --global-batch, a layout whose smallest batch is over twice the default is not considered:
+    the batch size is a training choice, and comparing layouts at very different batches would be unfair."""
+    if batch * arch.seq_len > 2 * DEFAULT_BATCH_TOKENS:
+        return (f"its smallest global batch is {batch} sequences ({batch * arch.seq_len / 2**20:.0f} M tokens), over "
+                f"twice the default {DEFAULT_BATCH_TOKENS / 2**20:.0f} M — give --global-batch to allow it, or use "
+                "more tp/pp/cp and less data parallelism")
+    return None
+
+
 def evaluate(arch, cluster, layout: Layout, global_batch: int | None, tokens: float) -> dict:
     """One layout's figures: layout fields, global_batch, memory (bytes and GB), step time parts, model
     TFLOP/s per device, MFU, tokens/s, days and chip-hours for `tokens`; or `infeasible` = why."""
     batch = global_batch or default_global_batch(arch, layout)
     out = {**layout.to_dict(), "global_batch": batch}
-    why = problem(layout, arch, cluster, batch)
+    why = problem(layout, arch, cluster, batch) or (None if global_batch else _batch_too_large(arch, batch))
     if why:
         return {**out, "infeasible": why}
     mem = memory.memory(arch, layout, batch)
@@ -112,13 +123,16 @@ def candidates(arch, cluster, fixed: dict) -> list[Layout]:
 
 
 def search(arch, cluster, fixed: dict, global_batch: int | None, tokens: float, top: int = 5) -> dict:
-    """{"layouts": the best `top` feasible evaluations (best first), "infeasible": count by reason,
+    """{"layouts": the best `top` feasible evaluations (best first), "infeasible": {reason pattern: {count,
+    example}},
     "evaluated": how many}; with every layout value fixed, the one layout (feasible or not)."""
     results = [evaluate(arch, cluster, layout, global_batch, tokens) for layout in candidates(arch, cluster, fixed)]
-    feasible = sorted((r for r in results if "infeasible" not in r), key=lambda r: -r["mfu"])
-    reasons: dict[str, int] = {}
+    feasible = sorted((r for r in results if "infeasible" not in r), key=lambda r: (-round(r["mfu"], 4), r["mem_gb"]))
+    reasons: dict[str, dict] = {}  # reason with its numbers blanked -> {count, example}
     for r in results:
         if "infeasible" in r:
-            reasons[r["infeasible"]] = reasons.get(r["infeasible"], 0) + 1
+            entry = reasons.setdefault(re.sub(r"\d+(\.\d+)?", "#", r["infeasible"]),
+                                       {"count": 0, "example": r["infeasible"]})
+            entry["count"] += 1
     return {"layouts": feasible[:top], "infeasible": reasons, "evaluated": len(results),
             "rejected": [r for r in results if "infeasible" in r][:1] if not feasible else []}

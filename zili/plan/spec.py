@@ -2,7 +2,7 @@
 node size) and the token budget.
 
 `Arch` holds the keys of a model file (top-level, or under `[model]`): n_layers, dim, n_heads, n_kv_heads,
-ffn_dim, vocab_size, seq_len (tokens), mlp ("swiglu" | "gelu"), tied_embeddings, and for mixture-of-experts
+ffn_dim, vocab_size, seq_len (tokens), mlp ("swiglu" | "gelu"), tied_embeddings, qkv_bias, and for mixture-of-experts
 n_routed_experts, n_shared_experts, top_k, moe_ffn_dim, n_dense_layers. `mlp = "gelu"` stands for the
 GPT / Megatron-LM block (LayerNorm, GELU, dropout, attention scores stored unless recomputed); `swiglu` for
 zili's own block (RMSNorm, SwiGLU, no dropout, fused attention that never stores the score matrix).
@@ -147,7 +147,7 @@ def _check_chip(row: dict, where: str) -> dict:
     for key in ("hbm_gb", "scale_up_gbps", "scale_out_gbps"):
         if row[key] <= 0:
             raise UserError(f"{where}: {key} must be positive, got {row[key]}")
-    if not 0 < row.get("matmul_efficiency", 0.5) <= 1:
+    if "matmul_efficiency" in row and not 0 < row["matmul_efficiency"] <= 1:
         raise UserError(f"{where}: matmul_efficiency must be in (0, 1], got {row['matmul_efficiency']}")
     return row
 
