@@ -221,23 +221,17 @@ def _plan(argv: list[str]) -> None:
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     cluster = load_cluster(args.chip, args.count, args.per_node)
-    model_args = None
+    arch, model_args = None, None
     if args.model:
-        arch = load_arch(args.model, args.seq_len)
         from zili.models.presets import PRESETS
 
-        model_args = PRESETS.get(args.model)
-    else:
-        from zili.plan.spec import Arch
-
-        arch = Arch(n_layers=1, dim=128, n_heads=1, n_kv_heads=1, ffn_dim=256, vocab_size=128256,
-                    seq_len=args.seq_len or 4096)
+        arch, model_args = load_arch(args.model, args.seq_len), PRESETS.get(args.model)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "zero",
                                            "microbatch", "recompute", "sequence_parallel", "dtype")
              if getattr(args, k) is not None}
     tokens = parse_count(args.tokens, "--tokens") if args.tokens else None
     plan = make_plan(args.model or "", arch, cluster, fixed, args.global_batch, tokens, args.top, args.verify,
-                     model_args, args.budget_chip_hours)
+                     model_args, args.budget_chip_hours, args.seq_len)
     print(to_json(plan) if args.json else table(plan))
 
 

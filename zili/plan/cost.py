@@ -54,7 +54,8 @@ def _bandwidth(cluster, stride: int, size: int) -> float:
 def _ring(kind: str, n: float, g: int, bw: float) -> float:
     if g <= 1 or n <= 0:
         return 0.0
-    factor = {"all_reduce": 2 * (g - 1) / g, "all_gather": (g - 1) / g, "p2p": 1.0}[kind]
+    factor = {"all_reduce": 2 * (g - 1) / g, "all_gather": (g - 1) / g, "reduce_scatter": (g - 1) / g,
+              "all_to_all": (g - 1) / g, "p2p": 1.0}[kind]
     return factor * n / bw + LATENCY_S
 
 
@@ -106,7 +107,7 @@ def step_time(arch, cluster, layout, global_batch: int) -> dict:
     ep_mb = 0.0
     if e > 1:
         n_a2a = n_act * arch.top_k / (t if layout.sequence_parallel else 1)
-        ep_mb = layers * moe_share * 4 * _ring("all_gather", n_a2a, e, _bandwidth(cluster, st["ep"], e))
+        ep_mb = layers * moe_share * 4 * _ring("all_to_all", n_a2a, e, _bandwidth(cluster, st["ep"], e))
     # context parallel: K and V of the other cp-1 chunks pass around the ring, forward and twice backward
     cp_mb = 0.0
     if c > 1:
@@ -130,7 +131,7 @@ def step_time(arch, cluster, layout, global_batch: int) -> dict:
 
     # once per step: gradient reduction (+ ZeRO-1/2 weight all-gather), overlapped with the last backward
     r = layout.dp_replicate
-    grad_sync = _ring("all_gather", 4 * n_params, z, bw_z)  # reduce-scatter in the shard group
+    grad_sync = _ring("reduce_scatter", 4 * n_params, z, bw_z)
     grad_sync += _ring("all_reduce", 4 * n_params / z, r, _bandwidth(cluster, st["dp_replicate"], r))
     if layout.zero in (1, 2) and z > 1:
         grad_sync += _ring("all_gather", memory.BYTES * n_params, z, bw_z)

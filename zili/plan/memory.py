@@ -26,8 +26,6 @@ when interleaved (v > 1): Korthikanti's formula. The last stage also holds one m
 
 from __future__ import annotations
 
-import math
-
 from zili.models import flops
 
 BYTES = 2  # activations and gathered weights, bytes per value (bf16 / fp16; fp8 runs keep 2-byte copies)
@@ -36,10 +34,8 @@ BYTES = 2  # activations and gathered weights, bytes per value (bf16 / fp16; fp8
 def layers_on(arch, layout, stage: str) -> int:
     """Blocks on the first or last pipeline stage's device (earlier stages take the remainder)."""
     chunks = layout.pp * layout.vpp
-    per_chunk = arch.n_layers / chunks
-    if stage == "first":
-        return math.ceil(per_chunk) * layout.vpp if arch.n_layers % chunks else int(per_chunk) * layout.vpp
-    return math.floor(per_chunk) * layout.vpp
+    per_chunk = -(-arch.n_layers // chunks) if stage == "first" else arch.n_layers // chunks
+    return per_chunk * layout.vpp
 
 
 def stage_params(arch, layout, stage: str) -> dict[str, float]:

@@ -7,12 +7,14 @@ when no layout can run (with the reason when a single layout was asked for).
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from zili.errors import UserError
 from zili.models.flops import moe_layers, param_counts, routed_expert_params
 from zili.plan import budget, cost, memory
 from zili.plan.layout import LAYOUT_KEYS, Layout
 from zili.plan.search import search
-from zili.plan.spec import Arch, Cluster
+from zili.plan.spec import DEFAULT_SEQ_LEN, Arch, Cluster
 
 
 def _model_info(name: str, arch: Arch) -> dict:
@@ -22,7 +24,7 @@ def _model_info(name: str, arch: Arch) -> dict:
         per_expert = routed_expert_params(arch) // arch.n_routed_experts
         idle = moe_layers(arch) * (arch.n_routed_experts - arch.top_k) * per_expert
     active = counts["total"] - idle
-    return {"name": name, **arch.__dict__, "params": counts["total"], "active_params": active}
+    return {"name": name, **asdict(arch), "params": counts["total"], "active_params": active}
 
 
 def _assumptions(cluster: Cluster) -> dict:
@@ -58,17 +60,18 @@ def _verify(arch: Arch, model_args, result: dict) -> dict:
             "analytic": {k: analytic[k] for k in ("params", "grads", "optimizer")}}
 
 
-def make_plan(model_name: str, arch: Arch, cluster: Cluster, fixed: dict, global_batch: int | None,
+def make_plan(model_name: str, arch: Arch | None, cluster: Cluster, fixed: dict, global_batch: int | None,
               tokens: float | None, top: int = 5, verify: bool = False, model_args=None,
-              budget_chip_hours: float | None = None) -> dict:
-    """The plan for `arch` (or, with `budget_chip_hours`, for the compute-optimal model) on `cluster`."""
+              budget_chip_hours: float | None = None, seq_len: int | None = None) -> dict:
+    """The plan for `arch` on `cluster`, or with `budget_chip_hours` (and arch None) for the compute-optimal
+    model at `seq_len` tokens per sequence."""
     advice = None
     if budget_chip_hours:
         mfu = budget.START_MFU
         peak = cluster.peak_flops(fixed.get("dtype") or ("bf16" if cluster.row.get("bf16_tflops") else "fp16"))
         for _ in range(6):
             params, tokens = budget.compute_optimal(budget_chip_hours, peak, mfu)
-            arch = budget.shape_for(params, arch.seq_len, arch.vocab_size)
+            arch = budget.shape_for(params, seq_len or DEFAULT_SEQ_LEN)
             found = search(arch, cluster, fixed, global_batch, tokens, 1)
             if not found["layouts"] or abs(found["layouts"][0]["mfu"] - mfu) < 0.005:
                 break

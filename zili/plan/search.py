@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import replace
 
 from zili.models import flops
 from zili.plan import memory
@@ -116,9 +115,7 @@ def candidates(arch, cluster, fixed: dict) -> list[Layout]:
             out.append(Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp_shard=d, dp_replicate=r, zero=zero,
                               microbatch=mb, recompute=rec, sequence_parallel=sp, dtype=dtype))
     if not out:  # the fixed values alone do not multiply out: still evaluate them, to say why
-        base = {k: v for k, v in fixed.items()}
-        base.setdefault("dtype", dtype)
-        out.append(replace(Layout(), **base))
+        out.append(Layout(**{**fixed, "dtype": dtype}))
     return out
 
 
