@@ -1,20 +1,24 @@
 """`zili plan` against published training runs: predicted step time and activation memory vs measured.
 
-    python benchmarks/plan_validation.py [--runs FILE] [--no-sp-unpublished] [--markdown]
+    python benchmarks/plan_validation.py [--runs FILE] [--sweep CSV] [--no-sp-unpublished] [--markdown]
 
-For each [[run]] in the runs file (Megatron-LM 2021, Korthikanti et al. 2022; A100-80GB, 8 per node), the
-run's model is written to a temporary TOML model file and `zili plan ... --json` runs in this process with
-the run's published layout: --tp --pp (--vpp) --dp-replicate DP --dp-shard 1 (--microbatch) --recompute
-(--[no-]sequence-parallel) --dtype --global-batch --chip a100-80gb --count --per-node. Layout values the
-source does not publish (Megatron-LM 2021: micro-batch, interleaving) are searched by the planner, as a
-user's would be; sequence parallelism then takes the planner's default (on when tp > 1), or is turned off
-with --no-sp-unpublished. The best layout's step_s is compared with the measured step_s.
+For each [[run]] in the runs file (Megatron-LM 2021, Korthikanti et al. 2022, BLOOM-176B, MosaicML MPT), the
+run's model is written to a temporary TOML model file and `zili plan ... --json` runs in this process with the
+run's published layout (zili.plan.published.plan_args: the same arguments the test uses). Layout values the
+source does not publish (Megatron-LM 2021: micro-batch, interleaving) are searched by the planner, as a user's
+would be; sequence parallelism then takes the planner's default (on when tp > 1), or is turned off with
+--no-sp-unpublished. The best layout's step_s is compared with the measured step_s.
 
 For each [[memory]] row, `zili.plan.memory.activation_bytes(arch, layout, global_batch, "first")` — the
 first pipeline stage's activations at the peak — is computed for the referenced run's layout twice:
 recompute none without sequence parallelism, and selective recomputation with sequence parallelism, and
 compared with the published GiB (2**30 bytes). Weights + gradients + optimizer state are compared too, for
 information, with Megatron-LM's scheme (no ZeRO: 18 bytes per parameter, `zero=1` over one rank).
+
+The sweep (--sweep, default tests/data/planner/mosaicml_mpt_a100_80gb.csv: MosaicML's whole A100-80GB table,
+sequences of 512 to 65,536 tokens, models of 125 M to 70 B) is planned the same way and summarised by sequence
+length and model size: it shows where the planner holds and where it does not. The runs file takes only its
+rows at the models' training length (2,048) for models of 1 B parameters and more.
 
 Errors are predicted / measured - 1. Prints one JSON document (`--markdown`: the tables of BENCHMARKS.md);
 asserts nothing.
@@ -36,37 +40,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from zili.plan.published import plan_args, write_toml_table  # noqa: E402
+
 GIB = 2**30
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
-def write_model(model: dict, path: Path) -> None:
-    path.write_text("[model]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in model.items()))
-
-
-def plan_flags(run: dict, model_file: Path, sp_off_unpublished: bool = False) -> list[str]:
-    """`zili plan` arguments for the run's published layout; what is not published is left to the planner
-    (with `sp_off_unpublished`, sequence parallelism is turned off where the source does not give it)."""
-    lay = run["layout"]
-    argv = ["plan", "--model", str(model_file), "--chip", run["chip"], "--count", str(run["count"]),
-            "--per-node", str(run["per_node"]), "--tp", str(lay["tp"]), "--pp", str(lay["pp"]),
-            "--dp-replicate", str(lay["dp"]), "--dp-shard", "1", "--recompute", lay["recompute"],
-            "--dtype", lay["dtype"], "--global-batch", str(lay["global_batch"]), "--top", "1", "--json"]
-    for key, flag in (("vpp", "--vpp"), ("microbatch", "--microbatch")):
-        if key in lay:
-            argv += [flag, str(lay[key])]
-    if "sequence_parallel" in lay:
-        argv.append("--sequence-parallel" if lay["sequence_parallel"] else "--no-sequence-parallel")
-    elif sp_off_unpublished:
-        argv.append("--no-sequence-parallel")
-    return argv
 
 
 def run_plan(argv: list[str]) -> dict:
@@ -88,9 +64,7 @@ def _err(predicted: float, measured: float) -> float:
 def validate_runs(runs: list[dict], tmp: Path, sp_off_unpublished: bool = False) -> list[dict]:
     rows = []
     for run in runs:
-        model_file = tmp / f"{run['name']}.toml"
-        write_model(run["model"], model_file)
-        argv = plan_flags(run, model_file, sp_off_unpublished)
+        argv = ["plan", *plan_args(run, tmp, sp_off_unpublished), "--top", "1", "--json"]
         best = run_plan(argv)["layouts"][0]
         measured = run["measured"]["step_s"]
         t = best["time"]
@@ -100,7 +74,7 @@ def validate_runs(runs: list[dict], tmp: Path, sp_off_unpublished: bool = False)
             # left to the planner: vpp and microbatch are searched, sequence parallelism takes its default
             "not_published": sorted(k for k in ("vpp", "microbatch", "sequence_parallel") if k not in run["layout"]),
             "planned_layout": {k: best[k] for k in ("tp", "pp", "vpp", "dp_replicate", "dp_shard", "microbatch",
-                                                    "recompute", "sequence_parallel", "dtype", "zero")},
+                                                    "recompute", "sequence_parallel", "dtype", "zero", "attention")},
             "measured_step_s": measured,
             "predicted_step_s": round(best["step_s"], 3),
             "ratio": round(best["step_s"] / measured, 4),
@@ -109,7 +83,7 @@ def validate_runs(runs: list[dict], tmp: Path, sp_off_unpublished: bool = False)
             "microbatches": t["microbatches"],
             "mfu": round(best["mfu"], 4),
             "mem_gb": round(best["mem_gb"], 2),
-            "command": "zili " + " ".join(a if a != str(model_file) else f"<{run['name']}.toml>" for a in argv),
+            "command": "zili " + " ".join(Path(a).name if a.startswith(str(tmp)) else a for a in argv),
         })
     return rows
 
@@ -124,11 +98,9 @@ def validate_memory(memory_rows: list[dict], runs: list[dict], tmp: Path) -> lis
     for row in memory_rows:
         run = by_name[row["run"]]
         lay = run["layout"]
-        model_file = tmp / f"{run['name']}.toml"
-        write_model(run["model"], model_file)
-        arch = load_arch(str(model_file))
+        arch = load_arch(str(write_toml_table("model", run["model"], tmp / f"{run['name']}.toml")))
         base = Layout(tp=lay["tp"], pp=lay["pp"], vpp=lay.get("vpp", 1), dp_replicate=lay["dp"], dp_shard=1,
-                      microbatch=lay.get("microbatch", 1), dtype=lay["dtype"])
+                      microbatch=lay.get("microbatch", 1), dtype=lay["dtype"], attention=lay["attention"])
         cases = {
             "no_recompute": (Layout(**{**base.to_dict(), "recompute": "none", "sequence_parallel": False}),
                              row["measured"]["activations_gib_no_recompute"]),
@@ -153,11 +125,64 @@ def validate_memory(memory_rows: list[dict], runs: list[dict], tmp: Path) -> lis
     return rows
 
 
+def sweep_runs(csv_path: Path) -> list[dict]:
+    """The sweep's rows as run rows (MPT: GELU, ffn 4 d, tied, no dropout; FSDP over every GPU; flash)."""
+    lines = [line for line in csv_path.read_text().splitlines() if line and not line.startswith("#")]
+    header = lines[0].split(",")
+    runs = []
+    for line in lines[1:]:
+        r = dict(zip(header, line.split(",")))
+        n = {k: int(r[k]) for k in ("n_layers", "dim", "n_heads", "seq_len", "gpus", "microbatch", "global_batch",
+                                     "tokens_per_s")}
+        runs.append({
+            "name": f"mpt-{r['model']}-s{n['seq_len']}-{n['gpus']}gpu-mb{n['microbatch']}", "model_size": r["model"],
+            "chip": "a100-80gb", "count": n["gpus"], "per_node": 8,
+            "model": {"n_layers": n["n_layers"], "dim": n["dim"], "n_heads": n["n_heads"], "n_kv_heads": n["n_heads"],
+                      "ffn_dim": 4 * n["dim"], "vocab_size": 50368, "seq_len": n["seq_len"], "mlp": "gelu",
+                      "tied_embeddings": True},
+            "layout": {"tp": 1, "pp": 1, "dp": n["gpus"], "zero": 3, "global_batch": n["global_batch"],
+                       "microbatch": n["microbatch"], "dtype": "bf16", "attention": "flash",
+                       "recompute": "full" if r["activation_checkpointing"] == "true" else "none"},
+            "measured_step_s": n["global_batch"] * n["seq_len"] / n["tokens_per_s"],
+        })
+    return runs
+
+
+def _band(run: dict) -> str:
+    s = run["model"]["seq_len"]
+    seq = "<= 1024" if s <= 1024 else "2048" if s == 2048 else "4096-8192" if s <= 8192 else ">= 16384"
+    size = "< 1 B" if run["model_size"].endswith("m") else ">= 1 B"
+    return f"seq {seq}, {size}"
+
+
+def validate_sweep(runs: list[dict], tmp: Path) -> dict:
+    """Per-row error (or the planner's refusal) and a summary per (sequence length, model size) band."""
+    rows, bands = [], {}
+    for run in runs:
+        argv = ["plan", *plan_args(run, tmp), "--top", "1", "--json"]
+        try:
+            best = run_plan(argv)["layouts"][0]
+            row = {"name": run["name"], "error": round(_err(best["step_s"], run["measured_step_s"]), 4)}
+        except RuntimeError as e:  # the memory model says it does not fit, yet it ran
+            row = {"name": run["name"], "refused": str(e).split(": ", 1)[-1]}
+        rows.append(row)
+        bands.setdefault(_band(run), []).append(row)
+    summary = {}
+    order = [f"seq {q}, {z}" for q in ("<= 1024", "2048", "4096-8192", ">= 16384") for z in (">= 1 B", "< 1 B")]
+    for band, members in sorted(bands.items(), key=lambda kv: order.index(kv[0])):
+        errs = [r["error"] for r in members if "error" in r]
+        summary[band] = {"rows": len(members), "refused": len(members) - len(errs),
+                         "median_error": round(statistics.median(errs), 4) if errs else None,
+                         "max_abs_error": round(max(map(abs, errs)), 4) if errs else None}
+    return {"rows": rows, "bands": summary}
+
+
 def _layout_text(row: dict) -> str:
     """The planned layout; values the source did not publish (the planner's choice) marked *."""
     lay = row["planned_layout"]
     star = {k: "*" if k in row["not_published"] else "" for k in ("vpp", "microbatch", "sequence_parallel")}
-    return (f"tp{lay['tp']} pp{lay['pp']} v{lay['vpp']}{star['vpp']} dp{lay['dp_replicate']} "
+    dp = f"dp{lay['dp_replicate']}" if lay["dp_shard"] == 1 else f"fsdp{lay['dp_shard']} z{lay['zero']}"
+    return (f"tp{lay['tp']} pp{lay['pp']} v{lay['vpp']}{star['vpp']} {dp} "
             f"mb{lay['microbatch']}{star['microbatch']} {lay['recompute']}"
             + (f" sp{star['sequence_parallel']}" if lay["sequence_parallel"] else ""))
 
@@ -185,6 +210,13 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {m['name']} | {m['layout']} | " + " | ".join(cells) + " |")
     lines += ["", f"Activations: max |error| {doc['summary']['activations']['max_abs_error']:.1%} over "
                   f"{doc['summary']['activations']['comparisons']} comparisons."]
+    if doc.get("sweep"):
+        lines += ["", "| MosaicML A100-80GB sweep band | rows | refused (memory) | median error | max abs error |",
+                  "|---|---:|---:|---:|---:|"]
+        for band, b in doc["sweep"]["bands"].items():
+            med = f"{b['median_error']:+.1%}" if b["median_error"] is not None else "-"
+            mx = f"{b['max_abs_error']:.1%}" if b["max_abs_error"] is not None else "-"
+            lines.append(f"| {band} | {b['rows']} | {b['refused']} | {med} | {mx} |")
     return "\n".join(lines)
 
 
@@ -192,6 +224,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=str(REPO / "tests/data/planner/published_runs.toml"),
                    help="TOML file of [[run]] and [[memory]] rows")
+    p.add_argument("--sweep", default=str(REPO / "tests/data/planner/mosaicml_mpt_a100_80gb.csv"),
+                   help="CSV of a throughput sweep to summarise by band ('' to skip)")
     p.add_argument("--no-sp-unpublished", action="store_true", help="turn sequence parallelism off where a "
                    "run does not publish it (Megatron-LM 2021 predates it) instead of the planner's default")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of the JSON document")
@@ -201,6 +235,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = validate_runs(data.get("run", []), Path(tmp), args.no_sp_unpublished)
         mems = validate_memory(data.get("memory", []), data.get("run", []), Path(tmp))
+        sweep = validate_sweep(sweep_runs(Path(args.sweep)), Path(tmp)) if args.sweep else None
     step_err = [abs(r["error"]) for r in runs]
     act_err = [abs(m[k]["error"]) for m in mems for k in ("no_recompute", "selective_sp")]
     w_err = [abs(m["weights_and_optimizer"]["error"]) for m in mems if "weights_and_optimizer" in m]
@@ -220,7 +255,7 @@ def main(argv=None) -> None:
                       "link_efficiency": cost.LINK_EFFICIENCY, "latency_s": cost.LATENCY_S},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    doc = {"runs_file": str(Path(args.runs)), "runs": runs, "memory": mems, "summary": summary}
+    doc = {"runs_file": str(Path(args.runs)), "runs": runs, "memory": mems, "summary": summary, "sweep": sweep}
     print(markdown(doc) if args.markdown else json.dumps(doc, indent=1))
 
 

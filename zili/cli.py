@@ -200,6 +200,9 @@ def _plan(argv: list[str]) -> None:
     parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                         help="sequence parallelism with tp (default: on when tp > 1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default=None, help="compute dtype (default bf16)")
+    parser.add_argument("--attention", choices=("flash", "materialized"), default=None, help="attention kernel: "
+                        "flash (fused, as zili's SDPA; the default) or materialized (scores stored, as Megatron-LM "
+                        "before FlashAttention)")
     parser.add_argument("--top", type=int, default=5, help="layouts to show (default 5)")
     parser.add_argument("--verify", action="store_true", help="build the real model for the first layout under a "
                         "fake process group of the full world size and compare its bytes with the analytic ones")
@@ -227,7 +230,7 @@ def _plan(argv: list[str]) -> None:
 
         arch, model_args = load_arch(args.model, args.seq_len), PRESETS.get(args.model)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "zero",
-                                           "microbatch", "recompute", "sequence_parallel", "dtype")
+                                           "microbatch", "recompute", "sequence_parallel", "dtype", "attention")
              if getattr(args, k) is not None}
     tokens = parse_count(args.tokens, "--tokens") if args.tokens else None
     plan = make_plan(args.model or "", arch, cluster, fixed, args.global_batch, tokens, args.top, args.verify,

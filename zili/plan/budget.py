@@ -7,8 +7,12 @@ for a budget of C training FLOPs the loss is lowest near D = 20 tokens per param
 
 C is what the chips deliver: chip-hours x 3600 x peak FLOP/s x MFU, where the MFU is the planner's for the
 best layout of the proposed model; we start from 0.4 and repeat (size -> layout -> MFU -> size) until the MFU
-moves by less than half a point (at most 6 rounds). C = 6 N D leaves out the attention FLOPs, so the planned
-chip-hours come out a few percent above the budget for long sequences.
+moves by less than half a point (at most 6 rounds; when the rounds alternate between shapes — a shape's layouts
+can be more or less efficient than its neighbour's — the shape nearest its own MFU's N wins, then the faster
+one). The proposed shape's size is only near N (a coarse
+grid), and C = 6 N D leaves out the attention and counts parameters the head does not multiply, so the token
+count is then set to spend the budget exactly: D = C / (the shape's model FLOPs per token, zili.models.flops,
+attention included) — about 20 tokens per parameter, within the grid's rounding.
 
 The proposed shape is zili's block (SwiGLU, GQA, untied head) with Llama-3-like proportions: dim a multiple
 of 1,024 between 64 and 192 x n_layers (closest to 128 x), head size 128 (so n_heads is a multiple of 8),
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from zili.models.flops import param_counts
+from zili.models.flops import flops_per_token, param_counts
 from zili.plan.spec import Arch
 
 TOKENS_PER_PARAM = 20
@@ -46,3 +50,30 @@ def compute_optimal(chip_hours: float, peak_flops: float, mfu: float) -> tuple[f
     budget = chip_hours * 3600 * peak_flops * mfu
     params = math.sqrt(budget / (6 * TOKENS_PER_PARAM))
     return params, TOKENS_PER_PARAM * params
+
+
+def tokens_for(chip_hours: float, peak_flops: float, mfu: float, arch: Arch) -> float:
+    """Tokens that `chip_hours` of chips at `mfu` train `arch` on (model FLOPs, attention included)."""
+    return chip_hours * 3600 * peak_flops * mfu / flops_per_token(arch, arch.seq_len)
+
+
+def propose(chip_hours: float, peak_flops: float, seq_len: int, best_layouts) -> tuple[Arch, float, float]:
+    """(arch, tokens, mfu) for the budget: `best_layouts(arch, tokens)` is the planner's search (a list, best
+    first, empty when no layout fits). If nothing fits, the last shape tried, for the caller to explain."""
+    mfu, tried = START_MFU, []
+    for _ in range(6):
+        params, tokens = compute_optimal(chip_hours, peak_flops, mfu)
+        arch = shape_for(params, seq_len)
+        layouts = best_layouts(arch, tokens)
+        if not layouts:
+            break
+        got = layouts[0]["mfu"]
+        miss = abs(math.log(param_counts(arch)["total"] / compute_optimal(chip_hours, peak_flops, got)[0]))
+        tried.append(((round(miss, 2), -got), arch, got))
+        if abs(got - mfu) < 0.005:
+            break
+        mfu = got
+    if not tried:
+        return arch, tokens, mfu
+    _, arch, mfu = min(tried, key=lambda entry: entry[0])
+    return arch, tokens_for(chip_hours, peak_flops, mfu, arch), mfu

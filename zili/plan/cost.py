@@ -1,9 +1,11 @@
 """Step time of a layout (seconds): compute, exposed communication and pipeline bubble.
 
-Compute. A device's FLOPs for one micro-batch are its share (1/(tp*cp)) of the forward FLOPs of its
-stage's layers (zili.models.flops: matmuls + attention, the attention counted without the causal halving),
-times 3 for forward + backward, plus the recomputed forward: all of it for `full`, the attention-score part
-for `selective` (hardware FLOPs, reported apart from model FLOPs). The last stage adds the head. Time =
+Compute. A device's FLOPs for one micro-batch are its share (1/(tp*cp)) of its stage's layers' forward
+(zili.models.flops: matmuls + attention) times 3 for forward + backward, plus the recomputed forward: all of
+it for `full`, the attention part for `selective` (hardware FLOPs, reported apart from model FLOPs). The
+attention depends on the kernel: materialized scores cost the unmasked QK^T and AV, forward + backward 3x; a
+fused causal kernel (`flash`) skips the masked half, and its backward, which recomputes the scores, costs
+2.5 forwards (FlashAttention-2: 5 matmuls against 2). The last stage adds the head. Time =
 FLOPs / (chip peak in the run's dtype x `matmul_efficiency`), the achievable fraction of the datasheet peak
 for large transformer matmuls: a per-chip constant (`matmul_efficiency` in the chip row, else
 `DEFAULT_MATMUL_EFFICIENCY`), calibrated once for the A100 on the published runs (docs/planner.md).
@@ -36,6 +38,8 @@ DEFAULT_MATMUL_EFFICIENCY = 0.6  # chips without a calibrated `matmul_efficiency
 LINK_EFFICIENCY = 0.8  # achieved / nominal bandwidth of NCCL-class collectives (nccl-tests bus bandwidth)
 LATENCY_S = 10e-6  # per collective call
 TRAFFIC_PER_ACTIVATION_BYTE = 3.0  # HBM bytes the elementwise kernels of a forward pass move per stored byte
+FLASH_CAUSAL_SHARE = 0.5  # a fused causal kernel skips the masked half of the score blocks
+FLASH_BACKWARD = 2.5  # its backward recomputes the scores: 5 matmuls against the forward's 2 (FlashAttention-2)
 
 
 def matmul_efficiency(cluster) -> float:
@@ -80,9 +84,11 @@ def step_time(arch, cluster, layout, global_batch: int) -> dict:
     moe_share = n_moe / arch.n_layers
     dense, moe = flops.layer_forward_flops(arch, s), flops.layer_forward_flops(arch, s, moe=True)
     fwd_matmul = (1 - moe_share) * dense["matmul"] + moe_share * moe["matmul"]
-    fwd_attn = dense["attention"]
+    flash = layout.attention == "flash"
+    fwd_attn = dense["attention"] * (FLASH_CAUSAL_SHARE if flash else 1.0)
+    attn_train = (1 + (FLASH_BACKWARD if flash else 2.0)) * fwd_attn  # forward + backward
     recompute = {"none": 0.0, "selective": fwd_attn, "full": fwd_matmul + fwd_attn}[layout.recompute]
-    layer_flops = tokens * (3 * (fwd_matmul + fwd_attn) + recompute) / t  # one device, one micro-batch
+    layer_flops = tokens * (3 * fwd_matmul + attn_train + recompute) / t  # one device, one micro-batch
     head_flops = tokens * 3 * flops.head_forward_flops(arch) / t
     stage_flops = max(memory.layers_on(arch, layout, "first") * layer_flops + (head_flops if p == 1 else 0),
                       memory.layers_on(arch, layout, "last") * layer_flops + head_flops)
@@ -113,7 +119,7 @@ def step_time(arch, cluster, layout, global_batch: int) -> dict:
     if c > 1:
         n_kv = tokens * 2 * arch.n_kv_heads * arch.head_dim * memory.BYTES / t
         ring = layers * 3 * (c - 1) * _ring("p2p", n_kv, c, _bandwidth(cluster, st["cp"], c))
-        cp_mb = max(0.0, ring - layers * tokens * 3 * fwd_attn / t / rate)
+        cp_mb = max(0.0, ring - layers * tokens * attn_train / t / rate)
 
     # ZeRO-3 parameter all-gathers per micro-batch, overlapped with that micro-batch's compute
     z = layout.shard_group
@@ -138,7 +144,7 @@ def step_time(arch, cluster, layout, global_batch: int) -> dict:
     dp_step = max(0.0, grad_sync - compute_mb * 2 / 3)
 
     step = busy + bubble + dp_step
-    hardware = global_batch * s * (arch.n_layers * (3 * (fwd_matmul + fwd_attn) + recompute)
+    hardware = global_batch * s * (arch.n_layers * (3 * fwd_matmul + attn_train + recompute)
                                    + 3 * flops.head_forward_flops(arch))
     return {
         "step_s": step,

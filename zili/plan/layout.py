@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 LAYOUT_KEYS = ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "zero", "microbatch", "recompute",
-               "sequence_parallel", "dtype")
+               "sequence_parallel", "dtype", "attention")
 RECOMPUTE = ("none", "selective", "full")
+ATTENTION = ("flash", "materialized")  # fused kernel that never stores the scores (SDPA, FlashAttention) or not
 DTYPES = ("bf16", "fp16", "fp8")
 
 
@@ -31,6 +32,7 @@ class Layout:
     recompute: str = "none"
     sequence_parallel: bool = False
     dtype: str = "bf16"
+    attention: str = "flash"  # the attention kernel: "flash" (zili's SDPA) or "materialized" scores
 
     @property
     def world_size(self) -> int:
@@ -55,7 +57,8 @@ class Layout:
         parts = [f"tp{self.tp}", f"pp{self.pp}" + (f"v{self.vpp}" if self.vpp > 1 else "")]
         parts += [f"{k}{getattr(self, k)}" for k in ("cp", "ep") if getattr(self, k) > 1]
         parts += [f"dps{self.dp_shard}", f"dpr{self.dp_replicate}", f"mb{self.microbatch}", self.recompute]
-        return " ".join(parts) + (" sp" if self.sequence_parallel else "")
+        return " ".join(parts) + (" sp" if self.sequence_parallel else "") + (
+            "" if self.attention == "flash" else f" {self.attention}")
 
 
 def problem(layout: Layout, arch, cluster, global_batch: int) -> str | None:
@@ -91,6 +94,8 @@ def problem(layout: Layout, arch, cluster, global_batch: int) -> str | None:
         return f"recompute={layout.recompute!r} — use one of {', '.join(RECOMPUTE)}"
     if layout.sequence_parallel and t == 1:
         return "sequence parallelism needs tp > 1"
+    if layout.attention not in ATTENTION:
+        return f"attention={layout.attention!r} — use one of {', '.join(ATTENTION)}"
     if layout.dtype not in DTYPES:
         return f"dtype={layout.dtype!r} — use one of {', '.join(DTYPES)}"
     if not cluster.row.get(f"{layout.dtype}_tflops"):

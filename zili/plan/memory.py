@@ -11,14 +11,14 @@ holds the embedding, the last the head (also a copy of a tied embedding when pp 
 
 Activations follow Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer Models),
 per layer and micro-batch of b sequences of s tokens (s/cp per device), hidden h, t = tp, a = heads, 2-byte
-values:
-- `gelu` (GPT block): s*b*h*(10 + 24/t) + 5*a*s^2*b/t without sequence parallelism; with it the 10*s*b*h
-  (norm inputs, dropout masks) are split by t as well; selective recomputation drops the 5*a*s^2*b of the
-  attention scores; full recomputation keeps only the layer input, 2*s*b*h (/t with sequence parallelism).
-- `swiglu` (zili's block, fused attention, no dropout): replicated 8*s*b*h (two norm inputs and outputs),
-  split by t: 2*s*b*(q + 2*kv) (rotated q, k and v), 2*s*b*h (attention output), 8*s*b*f (gate, up, silu,
-  product); MoE layers count the `top_k` + shared experts' tokens. Selective recomputation saves nothing
-  (the score matrix is never stored); full recomputation as above.
+values: replicated over tp, 8*s*b*h (the norms' inputs, the QKV and first MLP matmuls' inputs), plus the two
+1-byte dropout masks 2*s*b*h with `dropout`; split by t, for `gelu` 8*s*b*h + 4*s*b*f (q, k, v, attention
+output; GELU input and output) — s*b*h*(10 + 24/t) for f = 4h with dropout, Korthikanti's — and for `swiglu`
+2*s*b*(q + 2*kv) + 2*s*b*h + 8*s*b*f (rotated q, k, v; attention output; gate, up, SiLU, product); MoE layers
+count the `top_k` + shared experts' tokens. Attention scores: none with a fused (`flash`) kernel; stored
+(`materialized`) 5*a*s^2*b/t with dropout (softmax output, mask, dropout output), 2*a*s^2*b/t without.
+Sequence parallelism splits the replicated part by t too; selective recomputation drops the scores; full
+recomputation keeps only the layer input, 2*s*b*h (/t with sequence parallelism).
 The first pipeline stage holds min(m, p) micro-batches of its L/p layers (1F1B), times (1 + (p-1)/(p*v))
 when interleaved (v > 1): Korthikanti's formula. The last stage also holds one micro-batch of logits,
 6 bytes per vocabulary entry per token / t (2-byte logits + fp32 for the cross-entropy).
@@ -82,13 +82,16 @@ def layer_activation_parts(arch, layout, moe: bool = False) -> tuple[float, floa
     (everything but the attention scores, the attention scores), per the formulas above."""
     s, b, h, t = arch.seq_len / layout.cp, layout.microbatch, arch.dim, layout.tp
     div = t if layout.sequence_parallel else 1
+    replicated = (10 if arch.dropout else 8) * s * b * h
+    scores = 0.0
+    if layout.attention == "materialized":
+        scores = (5 if arch.dropout else 2) * arch.n_heads * s * s * b / t
     if arch.mlp == "gelu":
-        replicated, split = 10 * s * b * h, 8 * s * b * h + 4 * s * b * arch.ffn_dim
-        return replicated / div + split / t, 5 * arch.n_heads * s * s * b / t
+        return replicated / div + (8 * s * b * h + 4 * s * b * arch.ffn_dim) / t, scores
     q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
     width = arch.ffn_dim if not moe else arch.moe_ffn_dim * (arch.top_k + arch.n_shared_experts)
     split = 2 * s * b * (q + 2 * kv) + 2 * s * b * h + 8 * s * b * width
-    return 8 * s * b * h / div + split / t, 0.0
+    return replicated / div + split / t, scores
 
 
 def layer_activation_bytes(arch, layout, moe: bool = False) -> float:

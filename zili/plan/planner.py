@@ -67,15 +67,10 @@ def make_plan(model_name: str, arch: Arch | None, cluster: Cluster, fixed: dict,
     model at `seq_len` tokens per sequence."""
     advice = None
     if budget_chip_hours:
-        mfu = budget.START_MFU
         peak = cluster.peak_flops(fixed.get("dtype") or ("bf16" if cluster.row.get("bf16_tflops") else "fp16"))
-        for _ in range(6):
-            params, tokens = budget.compute_optimal(budget_chip_hours, peak, mfu)
-            arch = budget.shape_for(params, seq_len or DEFAULT_SEQ_LEN)
-            found = search(arch, cluster, fixed, global_batch, tokens, 1)
-            if not found["layouts"] or abs(found["layouts"][0]["mfu"] - mfu) < 0.005:
-                break
-            mfu = found["layouts"][0]["mfu"]
+        arch, tokens, mfu = budget.propose(
+            budget_chip_hours, peak, seq_len or DEFAULT_SEQ_LEN,
+            lambda a, t: search(a, cluster, fixed, global_batch, t, 1)["layouts"])
         model_name = f"compute-optimal-{param_counts(arch)['total'] / 1e9:.3g}b"
         model_args = None
         advice = (f"compute-optimal for {budget_chip_hours:.3g} chip-hours (Chinchilla, D = 20 N, C = 6 N D) at "

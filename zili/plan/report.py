@@ -1,7 +1,7 @@
 """The plan as text (a table of the best layouts) or as JSON (`layouts[]`, one object per layout).
 
 JSON layout fields: tp, pp, vpp, cp, ep, dp_shard, dp_replicate, zero, microbatch, recompute,
-sequence_parallel, dtype, global_batch (sequences), mem_gb (1e9 bytes per chip), memory{params, grads,
+sequence_parallel, dtype, attention, global_batch (sequences), mem_gb (1e9 bytes per chip), memory{params, grads,
 optimizer, buffers, activations, total: GB; stage}, step_s, time{compute_s, bubble_s, tp/pp/ep/cp/dp_comm_s,
 microbatches, hardware_flops}, tflops_per_device (model FLOPs), hardware_tflops_per_device, mfu, tokens_per_s,
 days and chip_hours for the token budget; `verify` = {measured_bytes, analytic_bytes, ...} with --verify.
@@ -40,7 +40,8 @@ def table(plan: dict) -> str:
         layout = (f"tp{r['tp']} pp{r['pp']}" + (f"v{r['vpp']}" if r["vpp"] > 1 else "")
                   + "".join(f" {k}{r[k]}" for k in ("cp", "ep") if r[k] > 1)
                   + f" dp{r['dp_replicate']}x{r['dp_shard']} z{r['zero']} mb{r['microbatch']} {r['recompute']}"
-                  + (" sp" if r["sequence_parallel"] else "") + f" {r['dtype']}")
+                  + (" sp" if r["sequence_parallel"] else "") + f" {r['dtype']}"
+                  + ("" if r["attention"] == "flash" else f" {r['attention']}"))
         rows.append([str(i), layout, str(r["global_batch"]), f"{r['mem_gb']:.1f}",
                      f"{mem['params'] + mem['grads'] + mem['optimizer']:.1f} / {mem['activations']:.1f}",
                      f"{r['step_s']:.3g}", f"{t['compute_s']:.3g} / {comm:.3g} / {t['bubble_s']:.3g}",

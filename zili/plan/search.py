@@ -8,7 +8,7 @@ Searched values: tp in the powers of two up to a node; pp among the divisors of 
 layer count; vpp 1, 2, 4 (pp > 1); cp 1, 2, 4 (only for sequences of 16k tokens or more); ep among the
 divisors of the expert count; dp_replicate among the divisors of what is left (dp_shard takes the rest);
 microbatch 1, 2, 4, 8; recompute none, selective, full; sequence parallelism on whenever tp > 1; zero 3
-(zili's FSDP2); dtype bf16 (fp16 where the chip has no bf16).
+(zili's FSDP2); dtype bf16 (fp16 where the chip has no bf16); attention "flash" (zili's SDPA) unless fixed.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def evaluate(arch, cluster, layout: Layout, global_batch: int | None, tokens: fl
     limit = cluster.hbm_bytes * USABLE_HBM
     if mem["total"] > limit:
         out["infeasible"] = (f"needs {mem['total'] / 1e9:.1f} GB per chip on the {mem['stage']} stage but "
-                             f"{cluster.chip} has {cluster.hbm_bytes / 1e9:.0f} GB ({USABLE_HBM:.0%} usable) — "
+                             f"{cluster.chip} has {cluster.hbm_bytes / 1e9:.1f} GB ({cluster.row['hbm_gb']:g} GiB, "
+                             f"{USABLE_HBM:.0%} usable) — "
                              "recompute more, shard more (dp_shard, tp, pp) or use a smaller micro-batch")
     return out
 
@@ -113,7 +114,8 @@ def candidates(arch, cluster, fixed: dict) -> list[Layout]:
                 continue
             sp = fixed.get("sequence_parallel", tp > 1)
             out.append(Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, dp_shard=d, dp_replicate=r, zero=zero,
-                              microbatch=mb, recompute=rec, sequence_parallel=sp, dtype=dtype))
+                              microbatch=mb, recompute=rec, sequence_parallel=sp, dtype=dtype,
+                              attention=fixed.get("attention", "flash")))
     if not out:  # the fixed values alone do not multiply out: still evaluate them, to say why
         out.append(Layout(**{**fixed, "dtype": dtype}))
     return out

@@ -2,10 +2,10 @@
 node size) and the token budget.
 
 `Arch` holds the keys of a model file (top-level, or under `[model]`): n_layers, dim, n_heads, n_kv_heads,
-ffn_dim, vocab_size, seq_len (tokens), mlp ("swiglu" | "gelu"), tied_embeddings, qkv_bias, and for mixture-of-experts
-n_routed_experts, n_shared_experts, top_k, moe_ffn_dim, n_dense_layers. `mlp = "gelu"` stands for the
-GPT / Megatron-LM block (LayerNorm, GELU, dropout, attention scores stored unless recomputed); `swiglu` for
-zili's own block (RMSNorm, SwiGLU, no dropout, fused attention that never stores the score matrix).
+ffn_dim, vocab_size, seq_len (tokens), mlp ("swiglu" | "gelu"), tied_embeddings, qkv_bias, dropout, and for
+mixture-of-experts n_routed_experts, n_shared_experts, top_k, moe_ffn_dim, n_dense_layers. `mlp = "gelu"` is the
+GPT block's MLP (h -> ffn -> h through GELU), `swiglu` zili's (gate and up, SiLU, down). `dropout = true` (default
+false, as zili and most LLM pre-training) stores dropout masks, as the GPT-3-era Megatron-LM runs did.
 
 A chip file holds the chip-table fields (zili/chips.toml) at the top level or under one `[chip.NAME]`.
 Every problem with either file is a `UserError` naming the field.
@@ -43,6 +43,7 @@ class Arch:
     moe_ffn_dim: int = 0
     n_dense_layers: int = 0
     qkv_bias: bool = False
+    dropout: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +66,7 @@ def _check_arch(values: dict, where: str) -> Arch:
         if key == "mlp":
             if value not in ("swiglu", "gelu"):
                 raise UserError(f"{where}: mlp must be \"swiglu\" or \"gelu\", got {value!r}")
-        elif key in ("tied_embeddings", "qkv_bias"):
+        elif key in ("tied_embeddings", "qkv_bias", "dropout"):
             if not isinstance(value, bool):
                 raise UserError(f"{where}: {key} must be true or false, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool):
@@ -133,7 +134,9 @@ class Cluster:
 
     @property
     def hbm_bytes(self) -> float:
-        return self.row["hbm_gb"] * 1e9
+        """Device memory in bytes: `hbm_gb` is the vendor's figure, which is binary (an "80 GB" A100 has
+        81,920 MiB, i.e. 80 GiB = 85.9e9 bytes)."""
+        return self.row["hbm_gb"] * 2**30
 
 
 def _check_chip(row: dict, where: str) -> dict:

@@ -1,0 +1,61 @@
+"""Published training runs as `zili plan` arguments: the validation's one translation from a run row to a plan.
+
+A run row (tests/data/planner/published_runs.toml, `[[run]]`) has `chip`, `count`, `per_node`, a `model` table
+(the model-file keys), a `layout` table and optional `chip_overrides` (chip-table fields that differ on the
+run's cluster, e.g. its network). Layout keys: tp, pp, dp, global_batch (sequences), recompute, dtype,
+attention, and where published vpp, microbatch, sequence_parallel, zero. Without `zero`, dp is plain replication
+(Megatron-LM's data parallelism: `--dp-replicate dp --dp-shard 1`, the planner's default ZeRO over one rank);
+with it, dp ranks shard under that ZeRO stage (`--dp-shard dp --zero Z`). Values a source does not publish are
+left out, so the planner searches them as it would for a user.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def write_toml_table(table: str, values: dict, path: Path) -> Path:
+    path.write_text(f"[{table}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def chip_argument(run: dict, work_dir: Path) -> str:
+    """The chip-table row name, or a chip file of that row with the run's `chip_overrides` applied."""
+    if "chip_overrides" not in run:
+        return run["chip"]
+    from zili.accel import load_chips
+
+    row = {k: v for k, v in load_chips()[run["chip"]].items() if isinstance(v, (int, float))}
+    return str(write_toml_table(f"chip.{run['name']}", {**row, **run["chip_overrides"]},
+                                work_dir / f"{run['name']}.chip.toml"))
+
+
+def plan_args(run: dict, work_dir: Path, sp_off_unpublished: bool = False) -> list[str]:
+    """`zili plan` arguments (after "plan") for the run's published model and layout; writes the model file
+    (and a chip file if needed) into `work_dir`. With `sp_off_unpublished`, sequence parallelism is off where
+    the source does not give it, instead of the planner's default."""
+    lay = run["layout"]
+    model = write_toml_table("model", run["model"], work_dir / f"{run['name']}.toml")
+    dp = (["--dp-shard", lay["dp"], "--dp-replicate", 1, "--zero", lay["zero"]] if "zero" in lay
+          else ["--dp-replicate", lay["dp"], "--dp-shard", 1])
+    argv = ["--model", model, "--chip", chip_argument(run, work_dir), "--count", run["count"],
+            "--per-node", run["per_node"], "--tp", lay["tp"], "--pp", lay["pp"], *dp,
+            "--recompute", lay["recompute"], "--dtype", lay["dtype"], "--attention", lay["attention"],
+            "--global-batch", lay["global_batch"]]
+    for key in ("vpp", "microbatch"):
+        if key in lay:
+            argv += [f"--{key}", lay[key]]
+    if "sequence_parallel" in lay:
+        argv.append("--sequence-parallel" if lay["sequence_parallel"] else "--no-sequence-parallel")
+    elif sp_off_unpublished:
+        argv.append("--no-sequence-parallel")
+    return [str(a) for a in argv]
