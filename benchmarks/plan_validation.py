@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from zili.plan.published import plan_args, write_toml_table  # noqa: E402
+from zili.plan.published import mpt_sweep_runs, plan_args, write_toml_table  # noqa: E402
 
 GIB = 2**30
 
@@ -125,29 +125,6 @@ def validate_memory(memory_rows: list[dict], runs: list[dict], tmp: Path) -> lis
     return rows
 
 
-def sweep_runs(csv_path: Path) -> list[dict]:
-    """The sweep's rows as run rows (MPT: GELU, ffn 4 d, tied, no dropout; FSDP over every GPU; flash)."""
-    lines = [line for line in csv_path.read_text().splitlines() if line and not line.startswith("#")]
-    header = lines[0].split(",")
-    runs = []
-    for line in lines[1:]:
-        r = dict(zip(header, line.split(",")))
-        n = {k: int(r[k]) for k in ("n_layers", "dim", "n_heads", "seq_len", "gpus", "microbatch", "global_batch",
-                                     "tokens_per_s")}
-        runs.append({
-            "name": f"mpt-{r['model']}-s{n['seq_len']}-{n['gpus']}gpu-mb{n['microbatch']}", "model_size": r["model"],
-            "chip": "a100-80gb", "count": n["gpus"], "per_node": 8,
-            "model": {"n_layers": n["n_layers"], "dim": n["dim"], "n_heads": n["n_heads"], "n_kv_heads": n["n_heads"],
-                      "ffn_dim": 4 * n["dim"], "vocab_size": 50368, "seq_len": n["seq_len"], "mlp": "gelu",
-                      "tied_embeddings": True},
-            "layout": {"tp": 1, "pp": 1, "dp": n["gpus"], "zero": 3, "global_batch": n["global_batch"],
-                       "microbatch": n["microbatch"], "dtype": "bf16", "attention": "flash",
-                       "recompute": "full" if r["activation_checkpointing"] == "true" else "none"},
-            "measured_step_s": n["global_batch"] * n["seq_len"] / n["tokens_per_s"],
-        })
-    return runs
-
-
 def _band(run: dict) -> str:
     s = run["model"]["seq_len"]
     seq = "<= 1024" if s <= 1024 else "2048" if s == 2048 else "4096-8192" if s <= 8192 else ">= 16384"
@@ -162,7 +139,7 @@ def validate_sweep(runs: list[dict], tmp: Path) -> dict:
         argv = ["plan", *plan_args(run, tmp), "--top", "1", "--json"]
         try:
             best = run_plan(argv)["layouts"][0]
-            row = {"name": run["name"], "error": round(_err(best["step_s"], run["measured_step_s"]), 4)}
+            row = {"name": run["name"], "error": round(_err(best["step_s"], run["measured"]["step_s"]), 4)}
         except RuntimeError as e:  # the memory model says it does not fit, yet it ran
             row = {"name": run["name"], "refused": str(e).split(": ", 1)[-1]}
         rows.append(row)
@@ -235,7 +212,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = validate_runs(data.get("run", []), Path(tmp), args.no_sp_unpublished)
         mems = validate_memory(data.get("memory", []), data.get("run", []), Path(tmp))
-        sweep = validate_sweep(sweep_runs(Path(args.sweep)), Path(tmp)) if args.sweep else None
+        sweep = validate_sweep(mpt_sweep_runs(Path(args.sweep)), Path(tmp)) if args.sweep else None
     step_err = [abs(r["error"]) for r in runs]
     act_err = [abs(m[k]["error"]) for m in mems for k in ("no_recompute", "selective_sp")]
     w_err = [abs(m["weights_and_optimizer"]["error"]) for m in mems if "weights_and_optimizer" in m]

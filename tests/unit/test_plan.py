@@ -16,7 +16,7 @@ from zili.models.flops import param_counts
 from zili.plan import memory
 from zili.plan.cost import step_time
 from zili.plan.layout import Layout
-from zili.plan.published import plan_args
+from zili.plan.published import mpt_sweep_runs, plan_args
 from zili.plan.spec import Arch, load_arch, load_cluster
 
 RUNS = tomllib.loads((Path(__file__).parents[1] / "data" / "planner" / "published_runs.toml").read_text())
@@ -90,9 +90,9 @@ def test_attention_kernel_and_dropout_change_memory_and_time():
     base = dict(n_layers=24, dim=2048, n_heads=16, n_kv_heads=16, ffn_dim=8192, vocab_size=50368, seq_len=8192,
                 mlp="gelu", tied_embeddings=True)
     a, s, b = 16, 8192, 2
+    flash, eager = (Layout(dp_shard=8, microbatch=b, attention=k) for k in ("flash", "materialized"))
     for dropout, score_bytes in ((False, 2), (True, 5)):
         arch = Arch(**base, dropout=dropout)
-        flash, eager = (Layout(dp_shard=8, microbatch=b, attention=k) for k in ("flash", "materialized"))
         rest_f, scores_f = memory.layer_activation_parts(arch, flash)
         rest_e, scores_e = memory.layer_activation_parts(arch, eager)
         assert scores_f == 0 and scores_e == score_bytes * a * s * s * b and rest_f == rest_e
@@ -111,17 +111,16 @@ def test_hbm_is_binary_gigabytes():
 
 
 def test_primary_source_rows_are_the_sweep_rows_they_cite():
-    """The MPT runs in published_runs.toml are exactly the sweep's rows at seq 2048 for models >= 1 B."""
-    data = Path(__file__).parents[1] / "data" / "planner" / "mosaicml_mpt_a100_80gb.csv"
-    lines = [line.split(",") for line in data.read_text().splitlines() if line and not line.startswith("#")]
-    rows = [dict(zip(lines[0], line)) for line in lines[1:]]
-    chosen = {(int(r["n_layers"]), int(r["gpus"]), int(r["microbatch"]), int(r["global_batch"]),
-               r["activation_checkpointing"] == "true", round(int(r["global_batch"]) * 2048 / int(r["tokens_per_s"]), 3))
-              for r in rows if r["seq_len"] == "2048" and not r["model"].endswith("m")}
-    mpt = {(r["model"]["n_layers"], r["count"], r["layout"]["microbatch"], r["layout"]["global_batch"],
-            r["layout"]["recompute"] == "full", r["measured"]["step_s"])
-           for r in RUNS["run"] if r["name"].startswith("mpt-")}
-    assert mpt == chosen and len(mpt) == 7
+    """The MPT runs in published_runs.toml are exactly the sweep's rows at seq 2048 for models >= 1 B:
+    same model, layout, chips and measured step."""
+    sweep = mpt_sweep_runs(Path(__file__).parents[1] / "data" / "planner" / "mosaicml_mpt_a100_80gb.csv")
+    assert len(sweep) == 61
+
+    def key(r):
+        return json.dumps([r["model"], r["layout"], r["count"], round(r["measured"]["step_s"], 3)], sort_keys=True)
+
+    chosen = {key(r) for r in sweep if r["model"]["seq_len"] == 2048 and not r["model_size"].endswith("m")}
+    assert {key(r) for r in RUNS["run"] if r["name"].startswith("mpt-")} == chosen and len(chosen) == 7
 
 
 def test_pipeline_bubble_is_p_minus_1_over_v_m():

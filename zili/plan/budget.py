@@ -9,8 +9,7 @@ C is what the chips deliver: chip-hours x 3600 x peak FLOP/s x MFU, where the MF
 best layout of the proposed model; we start from 0.4 and repeat (size -> layout -> MFU -> size) until the MFU
 moves by less than half a point (at most 6 rounds; when the rounds alternate between shapes — a shape's layouts
 can be more or less efficient than its neighbour's — the shape nearest its own MFU's N wins, then the faster
-one). The proposed shape's size is only near N (a coarse
-grid), and C = 6 N D leaves out the attention and counts parameters the head does not multiply, so the token
+one). The shape's size is only near N (a coarse grid), and C = 6 N D leaves out the attention, so the token
 count is then set to spend the budget exactly: D = C / (the shape's model FLOPs per token, zili.models.flops,
 attention included) — about 20 tokens per parameter, within the grid's rounding.
 

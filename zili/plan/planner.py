@@ -73,7 +73,8 @@ def make_plan(model_name: str, arch: Arch | None, cluster: Cluster, fixed: dict,
             lambda a, t: search(a, cluster, fixed, global_batch, t, 1)["layouts"])
         model_name = f"compute-optimal-{param_counts(arch)['total'] / 1e9:.3g}b"
         model_args = None
-        advice = (f"compute-optimal for {budget_chip_hours:.3g} chip-hours (Chinchilla, D = 20 N, C = 6 N D) at "
+        advice = (f"compute-optimal for {budget_chip_hours:.3g} chip-hours (Chinchilla: N = sqrt(C / 120), D about "
+                  f"20 N, the tokens spending the budget) at "
                   f"MFU {mfu:.1%}: {param_counts(arch)['total'] / 1e9:.3g} B parameters (n_layers {arch.n_layers}, "
                   f"dim {arch.dim}, n_heads {arch.n_heads}, n_kv_heads {arch.n_kv_heads}, ffn_dim {arch.ffn_dim}) "
                   f"on {tokens / 1e9:.3g} B tokens")

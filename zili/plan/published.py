@@ -59,3 +59,28 @@ def plan_args(run: dict, work_dir: Path, sp_off_unpublished: bool = False) -> li
     elif sp_off_unpublished:
         argv.append("--no-sequence-parallel")
     return [str(a) for a in argv]
+
+
+def mpt_sweep_runs(csv_path: Path) -> list[dict]:
+    """Run rows for MosaicML's MPT throughput table (tests/data/planner/mosaicml_mpt_a100_80gb.csv): GELU
+    blocks, ffn 4 d, tied embeddings, no dropout, vocabulary 50368; FSDP (ZeRO-3) over every GPU, bf16,
+    FlashAttention; measured step_s = global batch x seq_len / tokens per second. `model_size` is MPT's name."""
+    lines = [line for line in csv_path.read_text().splitlines() if line and not line.startswith("#")]
+    header = lines[0].split(",")
+    runs = []
+    for line in lines[1:]:
+        r = dict(zip(header, line.split(",")))
+        n = {k: int(r[k]) for k in ("n_layers", "dim", "n_heads", "seq_len", "gpus", "microbatch", "global_batch",
+                                     "tokens_per_s")}
+        runs.append({
+            "name": f"mpt-{r['model']}-s{n['seq_len']}-{n['gpus']}gpu-mb{n['microbatch']}", "model_size": r["model"],
+            "chip": "a100-80gb", "count": n["gpus"], "per_node": 8,
+            "model": {"n_layers": n["n_layers"], "dim": n["dim"], "n_heads": n["n_heads"], "n_kv_heads": n["n_heads"],
+                      "ffn_dim": 4 * n["dim"], "vocab_size": 50368, "seq_len": n["seq_len"], "mlp": "gelu",
+                      "tied_embeddings": True},
+            "layout": {"tp": 1, "pp": 1, "dp": n["gpus"], "zero": 3, "global_batch": n["global_batch"],
+                       "microbatch": n["microbatch"], "recompute": "full" if r["activation_checkpointing"] == "true"
+                       else "none", "dtype": "bf16", "attention": "flash"},
+            "measured": {"step_s": n["global_batch"] * n["seq_len"] / n["tokens_per_s"]},
+        })
+    return runs
