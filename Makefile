@@ -1,5 +1,5 @@
 # Quick start:  make demo   (set up .venv, train the CPU demo)
-#               make test   (set up .venv, run the test suite)
+#               make test   (set up .venv, lint with ruff, run the test suite)
 # The venv sees the system's packages, so a torch you brought (CUDA, ROCm, torch_npu ...) is kept;
 # where none is installed, the pinned CPU build is installed.
 PYTHON ?= python3
@@ -22,6 +22,7 @@ demo: setup
 	$(VENV)/bin/zili train
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 bench: setup

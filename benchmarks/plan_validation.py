@@ -9,7 +9,7 @@ source does not publish (Megatron-LM 2021: micro-batch, interleaving) are search
 would be; sequence parallelism then takes the planner's default (on when tp > 1), or is turned off with
 --no-sp-unpublished. The best layout's step_s is compared with the measured step_s.
 
-For each [[memory]] row, `zili.plan.memory.activation_bytes(arch, layout, global_batch, "first")` — the
+For each [[memory]] row, `zili.plan.memory.activation_bytes(args, layout, seq_len, global_batch, "first")` — the
 first pipeline stage's activations at the peak — is computed for the referenced run's layout twice:
 recompute none without sequence parallelism, and selective recomputation with sequence parallelism, and
 compared with the published GiB (2**30 bytes). Weights + gradients + optimizer state are compared too, for
@@ -40,18 +40,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from zili.plan.published import mpt_sweep_runs, plan_args, write_toml_table  # noqa: E402
+from zili.cli import main as zili_main  # noqa: E402
+from zili.parallel.layout import Layout  # noqa: E402
+from zili.plan import cost, memory  # noqa: E402
+from zili.plan.published import mpt_sweep_runs, plan_args, write_toml  # noqa: E402
+from zili.plan.spec import load_cluster, load_model  # noqa: E402
 
 GIB = 2**30
 
 
 def run_plan(argv: list[str]) -> dict:
-    from zili.cli import main
-
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main(argv)
+            zili_main(argv)
     except SystemExit as e:  # a UserError: main printed one line and exited
         raise RuntimeError(f"zili {' '.join(argv)} failed ({e.code}): {err.getvalue().strip()}") from None
     return json.loads(out.getvalue())
@@ -89,16 +91,12 @@ def validate_runs(runs: list[dict], tmp: Path, sp_off_unpublished: bool = False)
 
 
 def validate_memory(memory_rows: list[dict], runs: list[dict], tmp: Path) -> list[dict]:
-    from zili.plan import memory
-    from zili.plan.layout import Layout
-    from zili.plan.spec import load_arch
-
     by_name = {r["name"]: r for r in runs}
     rows = []
     for row in memory_rows:
         run = by_name[row["run"]]
         lay = run["layout"]
-        arch = load_arch(str(write_toml_table("model", run["model"], tmp / f"{run['name']}.toml")))
+        args, seq_len = load_model(str(write_toml({"model": run["model"]}, tmp / f"{run['name']}.toml")))
         base = Layout(tp=lay["tp"], pp=lay["pp"], vpp=lay.get("vpp", 1), dp_replicate=lay["dp"], dp_shard=1,
                       microbatch=lay.get("microbatch", 1), dtype=lay["dtype"], attention=lay["attention"])
         cases = {
@@ -111,12 +109,12 @@ def validate_memory(memory_rows: list[dict], runs: list[dict], tmp: Path) -> lis
                "layout": f"tp{base.tp} pp{base.pp} vpp{base.vpp} dp{base.dp} mb{base.microbatch}, "
                          f"global batch {lay['global_batch']}"}
         for key, (layout, published) in cases.items():
-            predicted = memory.activation_bytes(arch, layout, lay["global_batch"], "first") / GIB
+            predicted = memory.activation_bytes(args, layout, seq_len, lay["global_batch"], "first") / GIB
             out[key] = {"published_gib": published, "predicted_gib": round(predicted, 2),
                         "error": round(_err(predicted, published), 4)}
         if "weights_and_optimizer_gib" in row["measured"]:
             megatron = Layout(**{**base.to_dict(), "zero": 1})  # no ZeRO: 2 + 4 + 4 + 8 bytes per parameter
-            w = memory.weight_bytes(arch, megatron, "first")
+            w = memory.weight_bytes(args, megatron, "first")
             predicted = (w["params"] + w["grads"] + w["optimizer"]) / GIB
             published = row["measured"]["weights_and_optimizer_gib"]
             out["weights_and_optimizer"] = {"published_gib": published, "predicted_gib": round(predicted, 2),
@@ -216,9 +214,6 @@ def main(argv=None) -> None:
     step_err = [abs(r["error"]) for r in runs]
     act_err = [abs(m[k]["error"]) for m in mems for k in ("no_recompute", "selective_sp")]
     w_err = [abs(m["weights_and_optimizer"]["error"]) for m in mems if "weights_and_optimizer" in m]
-    from zili.plan import cost
-    from zili.plan.spec import load_cluster
-
     a100 = load_cluster("a100-80gb", 8, 8)
     summary = {
         "runs": len(runs),

@@ -70,11 +70,13 @@ def train(root: Path, name: str, ranks: int, layout: list[str], dataset: Path, o
             "--model.tied_embeddings=false", f"--metrics.log_every={opts.log_every}", "--training.eval_every=0",
             "--metrics.progress=false", "--training.sample_tokens=0", *layout]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, opts.threads // ranks)), "TOKENIZERS_PARALLELISM": "false",
-           "ZILI_CACHE": str(root / "cache"), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "ZILI_CACHE": str(root / "cache"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if ranks == 1:
         cmd = [sys.executable, "-m", "zili", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "zili", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "zili", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

@@ -7,9 +7,8 @@ vocab 8192, q/k/v bias like Qwen2, untied head) on the same token batch (8 x 512
 `torch.autocast(device, dtype=torch.bfloat16)` with fp32 master weights, clipping the gradient norm to
 1.0 and stepping AdamW:
 
-- zili: `Transformer` + `build_optimizer(model, OptimizerConfig(), device)` + `train_step(...)`, the very
-  step function the trainer runs; unless `--no-compile`, also a second copy through `compile_model`
-  (what `training.compile = true` does).
+- zili: the model built through `parallelize` and stepped by `train_step` — the very construction and
+  step function the trainer runs; unless `--no-compile`, also a second copy with `training.compile = true`.
 - transformers: an ordinary loop — forward (attn_implementation="sdpa"), fp32 cross-entropy on the
   logits, backward, `clip_grad_norm_`, `torch.optim.AdamW` with its defaults for the device, zero_grad.
 
@@ -36,12 +35,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from zili.accel import Accelerator, cpu_model_name, tune_cpu_allocator  # noqa: E402
-from zili.config import OptimizerConfig  # noqa: E402
+from zili.accel import Accelerator, cpu_model_name  # noqa: E402
+from zili.config import Config, OptimizerConfig  # noqa: E402
+from zili.cpu import tune_allocator  # noqa: E402
 from zili.models.args import ModelArgs  # noqa: E402
 from zili.models.transformer import Transformer  # noqa: E402
+from zili.parallel.apply import parallelize  # noqa: E402
 from zili.train.optim import build_optimizer  # noqa: E402
-from zili.train.step import train_step  # noqa: E402
+from zili.train.step import lm_loss, train_step  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure zili through compile_model (torch.compile per block); --no-compile skips it")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
-                   help="'tuned': zili.accel.tune_cpu_allocator() (process-wide, so for both sides)")
+                   help="'tuned': zili.cpu.tune_allocator() (process-wide, so for both sides)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = PyTorch's default")
     p.add_argument("--batch", type=int, default=8)
@@ -68,18 +69,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def zili_side(args: ModelArgs, device, inputs, targets, autocast, compiled: bool):
-    model = Transformer(args).to(device)
-    model.init_weights(seed=0)
-    if compiled:
-        from zili.parallel.compile import compile_model
-
-        compile_model(model)
-    optimizer = build_optimizer(model, OptimizerConfig(), device.type)
+    cfg = Config()
+    cfg.training.compile = compiled  # what `training.compile = true` does
+    with torch.device("meta"):
+        meta_model = Transformer(args)
+    model = parallelize(meta_model, cfg, device=device, seed=0, loss_fn=lm_loss)  # as the trainer builds it
+    optimizers = [build_optimizer(part, cfg.optimizer, device.type) for part in model.parts]
 
     def step():
-        loss, _ = train_step(model, optimizer, inputs, targets, micro_batch=inputs.shape[0], autocast=autocast,
-                             grad_clip=1.0)
-        return loss
+        return train_step(model, optimizers, inputs, targets, micro_batch=inputs.shape[0], autocast=autocast,
+                          grad_clip=1.0).loss
 
     return step
 
@@ -132,7 +131,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(opts.threads)
     allocator = "glibc default"
     if opts.allocator == "tuned":
-        allocator = "tuned (mallopt, both sides)" if tune_cpu_allocator() else "default (no glibc mallopt)"
+        allocator = "tuned (mallopt, both sides)" if tune_allocator() else "default (no glibc mallopt)"
     device = torch.device(opts.device)
     args = ModelArgs(n_layers=opts.layers, dim=opts.dim, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
                      ffn_dim=opts.ffn, vocab_size=opts.vocab, qkv_bias=True, tied_embeddings=opts.tied,

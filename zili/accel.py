@@ -8,8 +8,6 @@ Threads (torch_musa), Intel XPU, Apple MPS and CPU.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import importlib
 import importlib.util
 import json
@@ -23,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
+from zili import cpu
 from zili.errors import UserError
+from zili.fsio import atomic_write_text
 
 # Vendor plugins that register a device type with PyTorch when imported (only if installed).
 VENDOR_PLUGINS = {"npu": "torch_npu", "mlu": "torch_mlu", "musa": "torch_musa"}
@@ -120,6 +121,11 @@ class Accelerator:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.type, dtype=dtype)
 
+    def tune_for_training(self) -> None:
+        """Process-wide settings that make training faster on this device type (on CPU: `zili.cpu`)."""
+        if self.type == "cpu":
+            cpu.tune_allocator()
+
     def synchronize(self) -> None:
         module = _module_for(self.type)
         if module is not None and hasattr(module, "synchronize"):
@@ -188,10 +194,12 @@ def get_accelerator(requested: str = "auto", local_rank: int | None = None) -> A
             if plugin and importlib.util.find_spec(plugin) is None:
                 raise UserError(f"training.device {requested!r} needs the {plugin} plugin, which is not installed — "
                                 f"install the {plugin} release matching your torch (docs/accelerators.md)") from None
-            raise UserError(f"training.device {requested!r} is not a torch device — use auto, cpu, cuda, npu, xpu, mps ...") from None
+            raise UserError(f"training.device {requested!r} is not a torch device — "
+                            "use auto, cpu, cuda, npu, xpu, mps ...") from None
         module = _module_for(device_type)
         if device_type != "cpu" and (module is None or not module.is_available()):
-            raise UserError(f"training.device {requested!r} is not available on this machine — use --training.device=auto")
+            raise UserError(f"training.device {requested!r} is not available on this machine — "
+                            "use --training.device=auto")
     if device_type == "cpu":
         return Accelerator(torch.device("cpu"))
     index = int(requested.split(":")[1]) if ":" in requested else local_rank
@@ -238,9 +246,9 @@ def describe_chips() -> str:
             text = "-" if not value else f"{value:g}"
             cells.append(text + ("?" if key in row.get("unsure", ()) else ""))
         rows.append(cells)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
-    return "\n".join(lines) + "\n\n? = unsure (see `source` in zili/chips.toml); - = not supported; dense peaks, no sparsity"
+    table = tabulate(rows, header, tablefmt="plain", colalign=("left", *["right"] * len(CHIP_COLUMNS)),
+                     disable_numparse=True)
+    return table + "\n\n? = unsure (see `source` in zili/chips.toml); - = not supported; dense peaks, no sparsity"
 
 
 def chip_row_for(device_name: str) -> dict | None:
@@ -277,23 +285,5 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 
     sync()
     flops = 2 * size**3 * runs / (time.perf_counter() - start)
     known[key] = flops
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    tmp.replace(cache)
+    atomic_write_text(cache, json.dumps(known, indent=1))
     return flops
-
-
-def tune_cpu_allocator() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-
-    Every training step frees and reallocates the same large activation and gradient buffers; by default
-    glibc serves blocks above 32 MB with fresh mmap()s (and trims freed heap), so each step page-faults
-    gigabytes of zero-filled memory back in (~500k faults, 20% of a CPU step on a VM). This raises the
-    mmap and trim thresholds so that the process keeps its peak heap. Process-wide, for CPU training
-    only; returns False where there is no glibc `mallopt` (macOS, musl), which changes nothing."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))

@@ -6,9 +6,9 @@ User errors (zili.errors.UserError) print one line, `error: what is wrong — ho
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import os
 import sys
+from pathlib import Path
 
 from zili.errors import UserError
 
@@ -33,6 +33,7 @@ Distributed: torchrun --nproc-per-node N -m zili train ...
 
 def _train(argv: list[str]) -> None:
     from zili.config import describe, load_config, parse_overrides
+    from zili.train.trainer import train
 
     parser = argparse.ArgumentParser(
         prog="zili train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,8 +43,6 @@ def _train(argv: list[str]) -> None:
     parser.add_argument("--config", help="TOML file with [section] tables; overrides apply on top")
     known, rest = parser.parse_known_args(argv)
     cfg = load_config(known.config, parse_overrides(rest))
-    from zili.train.trainer import train
-
     train(cfg)
 
 
@@ -97,7 +96,8 @@ def _data(argv: list[str]) -> None:
 def _import_hf(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="zili import-hf",
                                      description="Convert a Hugging Face Qwen2ForCausalLM / LlamaForCausalLM directory "
-                                                 "(config.json, *.safetensors, tokenizer files) into a zili run directory.")
+                                                 "(config.json, *.safetensors, tokenizer files) "
+                                                 "into a zili run directory.")
     parser.add_argument("hf_dir", help="Hugging Face model directory")
     parser.add_argument("run_dir", help="run directory to write (tokenizer/ and checkpoints/step-0000000/)")
     args = parser.parse_args(argv)
@@ -108,14 +108,15 @@ def _import_hf(argv: list[str]) -> None:
 
 def _export_hf(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="zili export-hf",
-                                     description="Write a zili checkpoint (written by any number of ranks) as a Hugging "
-                                                 "Face model directory that transformers loads as it is.")
+                                     description="Write a zili checkpoint (written by any number of ranks) "
+                                                 "as a Hugging Face model directory that transformers loads as it is.")
     parser.add_argument("run_dir", help="run directory (checkpoints/ and tokenizer/)")
     parser.add_argument("out_dir", help="directory to write (replaced if it exists)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype (auto: the imported weights' dtype, else float32)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, 1e9 bytes (default 5)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="largest safetensors file, 1e9 bytes (default 5)")
     args = parser.parse_args(argv)
     if args.max_shard_gb <= 0:
         raise UserError("--max-shard-gb must be positive")
@@ -153,9 +154,14 @@ def _bench(argv: list[str]) -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: the workload's)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the workload's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (compilation not timed)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights from this seed, as training.seed (default 0)")
+    parser.add_argument("--data", default=None, help="train on the first batch of this prepared dataset (as `zili "
+                        "train` would draw it) instead of random tokens")
     parser.add_argument("--json", dest="json_path", help="also write the result to this file")
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="print these results side by side and chart them")
-    parser.add_argument("--png", default="bench-compare.png", help="chart file for --compare (default bench-compare.png)")
+    parser.add_argument("--png", default="bench-compare.png",
+                        help="chart file for --compare (default bench-compare.png)")
     args = parser.parse_args(argv)
     import json
 
@@ -169,7 +175,7 @@ def _bench(argv: list[str]) -> None:
     from zili.bench.measure import run_bench
 
     result = run_bench(args.workload, args.steps, args.warmup, args.device, args.dtype, args.batch, args.seq,
-                       args.compile)
+                       args.compile, args.seed, args.data)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json_path:
@@ -177,6 +183,10 @@ def _bench(argv: list[str]) -> None:
 
 
 def _plan(argv: list[str]) -> None:
+    from zili.plan.planner import PlanRequest, make_plan
+    from zili.plan.report import table, to_json
+    from zili.plan.spec import load_cluster, load_model, parse_count
+
     parser = argparse.ArgumentParser(
         prog="zili plan", description="Plan a training run before spending a chip-hour: memory per chip, step "
         "time (compute, exposed communication, pipeline bubble), MFU, tokens/s, days and chip-hours for the best "
@@ -210,10 +220,6 @@ def _plan(argv: list[str]) -> None:
                         "and token count for this many chip-hours (instead of --model)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    from zili.plan.planner import make_plan
-    from zili.plan.report import table, to_json
-    from zili.plan.spec import load_arch, load_cluster, parse_count
-
     if (args.model is None) == (args.budget_chip_hours is None):
         raise UserError("give either --model (plan that model) or --budget-chip-hours (propose one)")
     if args.budget_chip_hours is not None and args.budget_chip_hours <= 0:
@@ -224,21 +230,19 @@ def _plan(argv: list[str]) -> None:
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     cluster = load_cluster(args.chip, args.count, args.per_node)
-    arch, model_args = None, None
-    if args.model:
-        from zili.models.presets import PRESETS
-
-        arch, model_args = load_arch(args.model, args.seq_len), PRESETS.get(args.model)
+    model_args, seq_len = load_model(args.model, args.seq_len) if args.model else (None, args.seq_len)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "zero",
                                            "microbatch", "recompute", "sequence_parallel", "dtype", "attention")
              if getattr(args, k) is not None}
     tokens = parse_count(args.tokens, "--tokens") if args.tokens else None
-    plan = make_plan(args.model or "", arch, cluster, fixed, args.global_batch, tokens, args.top, args.verify,
-                     model_args, args.budget_chip_hours, args.seq_len)
+    plan = make_plan(PlanRequest(cluster=cluster, model_name=args.model or "", args=model_args, seq_len=seq_len,
+                                 fixed=fixed, global_batch=args.global_batch, tokens=tokens, top=args.top,
+                                 verify=args.verify, budget_chip_hours=args.budget_chip_hours))
     print(to_json(plan) if args.json else table(plan))
 
 
-COMMANDS = {"plan": _plan, "bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "data": _data, "import-hf": _import_hf, "export-hf": _export_hf}
+COMMANDS = {"plan": _plan, "bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "data": _data,
+            "import-hf": _import_hf, "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> None:

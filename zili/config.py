@@ -10,13 +10,17 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from zili.errors import UserError
+from zili.models.presets import resolve
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -51,7 +55,8 @@ class TrainingConfig:
     seed: int = _f(1234, "seed for initialisation, data order and sampling")
     device: str = _f("auto", "'auto' or a torch device string (cpu, cuda, cuda:1, npu, xpu, mps ...)")
     batch_size: int = _f(16, "global batch, in sequences, per optimizer step (all data-parallel ranks together)")
-    micro_batch_size: int = _f(0, "sequences per forward/backward on each data-parallel rank; 0 = its whole share (no accumulation)")
+    micro_batch_size: int = _f(0, "sequences per forward/backward on each data-parallel rank; "
+                                  "0 = its whole share (no accumulation)")
     seq_len: int = _f(256, "tokens per training sequence")
     dtype: str = _f("bf16", "compute dtype under autocast; master weights stay fp32", ("bf16", "fp32"))
     run_dir: str = _f("", "where config, metrics and checkpoints go; empty = runs/<timestamp>")
@@ -61,6 +66,8 @@ class TrainingConfig:
     eval_every: int = _f(100, "validate every N steps (and at step 0 and the end); 0 = never")
     eval_batches: int = _f(4, "batches of `batch_size` sequences per validation")
     exit_after: int = _f(0, "stop (after a checkpoint) once this many steps ran in this process; 0 = off")
+    max_skipped_steps: int = _f(5, "stop with an error after this many consecutive steps with a non-finite loss or "
+                                   "gradient norm (each skips its update)")
     sample_tokens: int = _f(120, "tokens to generate as a sample at the end; 0 = none")
     sample_prompt: str = _f("ROMEO:", "prompt of the final sample")
 
@@ -130,32 +137,20 @@ class Config:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
 
     def to_toml(self) -> str:
-        lines: list[str] = []
-        for name in SECTIONS:
-            lines.append(f"[{name}]")
-            for f in dataclasses.fields(getattr(self, name)):
-                value = getattr(getattr(self, name), f.name)
-                if value is not None:
-                    lines.append(f"{f.name} = {_toml_value(value)}")
-            lines.append("")
-        return "\n".join(lines)
+        """The config as TOML (keys left at None, i.e. "the preset's", are omitted)."""
+        return tomli_w.dumps({name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if v is not None}
+                              for name in SECTIONS})
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
-def _base_type(annotation) -> type:
-    """`int | None` -> int; plain types unchanged."""
-    hint = eval(annotation, {}, {}) if isinstance(annotation, str) else annotation
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+@functools.cache
+def _field_types(cls: type) -> dict[str, type]:
+    """Field name -> its type with `| None` removed (`int | None` -> int)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out[name] = hint
+    return out
 
 
 def _coerce(key: str, kind: type, value, from_text: bool):
@@ -200,7 +195,7 @@ def _set(cfg: Config, key: str, value, from_text: bool) -> None:
     if name not in fields:
         raise UserError(f"unknown config key '{key}' — [{section_name}] has: {', '.join(fields)}")
     f = fields[name]
-    coerced = _coerce(key, _base_type(f.type), value, from_text)
+    coerced = _coerce(key, _field_types(type(section))[name], value, from_text)
     choices = f.metadata.get("choices")
     if choices and coerced not in choices:
         raise UserError(f"{key}: {coerced!r} is not allowed — choose one of {', '.join(choices)}")
@@ -239,7 +234,8 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
             raise UserError(f"{path}: not valid TOML ({e}) — fix the file") from None
         for section_name, table in data.items():
             if not isinstance(table, dict):
-                raise UserError(f"{path}: '{section_name}' must be a [section] table — sections are: {', '.join(SECTIONS)}")
+                raise UserError(f"{path}: '{section_name}' must be a [section] table — "
+                                f"sections are: {', '.join(SECTIONS)}")
             for name, value in table.items():
                 _set(cfg, f"{section_name}.{name}", value, from_text=False)
     for key, value in overrides:
@@ -254,6 +250,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "training.steps": t.steps, "training.batch_size": t.batch_size, "training.seq_len": t.seq_len,
         "optimizer.lr": o.lr, "checkpoint.keep": c.keep, "metrics.log_every": m.log_every,
+        "training.max_skipped_steps": t.max_skipped_steps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -280,7 +277,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         raise UserError(
-            f"training.batch_size ({t.batch_size}) must be a multiple of training.micro_batch_size ({t.micro_batch_size})"
+            f"training.batch_size ({t.batch_size}) must be a multiple of "
+            f"training.micro_batch_size ({t.micro_batch_size})"
         )
     par = cfg.parallelism
     for key in ("dp_replicate", "tp", "pp"):
@@ -292,8 +290,6 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.model, key)
         if value is not None and value <= 0:
             raise UserError(f"model.{key} must be positive, got {value}")
-    from zili.models.presets import resolve
-
     if cfg.model.init and not cfg.model.init.startswith("hf:"):
         raise UserError(f"model.init {cfg.model.init!r} is not understood — use '' (random) or 'hf:DIR'")
     if cfg.model.init:
@@ -309,7 +305,7 @@ def describe() -> str:
         lines.append(f"[{name}]")
         for f in dataclasses.fields(cls):
             default = getattr(getattr(defaults, name), f.name)
-            shown = "(preset)" if default is None else _toml_value(default)
+            shown = "(preset)" if default is None else tomli_w.dumps({"v": default})[4:].strip()
             choices = f.metadata.get("choices")
             extra = f" {{{', '.join(choices)}}}" if choices else ""
             lines.append(f"  --{name}.{f.name:<26} {shown:<10} {f.metadata.get('help', '')}{extra}")

@@ -1,10 +1,10 @@
 """Kernel choices for the model's three hot spots — attention, RMSNorm, rotary embedding — by device type.
 
-| op        | Ascend (torch_npu present)        | CUDA                                   | CPU                           | fallback (everywhere) |
-|-----------|-----------------------------------|----------------------------------------|-------------------------------|-----------------------|
-| attention | `npu_fusion_attention` (BNSD, causal sparse mode) | `flash_attn_func` if flash-attn is installed | `causal_attention` (batched matmuls) when training at moderate length | `scaled_dot_product_attention` |
-| rms_norm  | `npu_rms_norm`                    | —                                      | —                             | `F.rms_norm` in fp32  |
-| rope      | `npu_rotary_mul`                  | —                                      | —                             | `apply_rope`          |
+- attention: Ascend (torch_npu present) `npu_fusion_attention` (BNSD, causal sparse mode); CUDA
+  `flash_attn_func` if flash-attn is installed; CPU `zili.cpu.causal_attention` (batched matmuls) when
+  training at moderate length; fallback (everywhere) `scaled_dot_product_attention`.
+- rms_norm: Ascend `npu_rms_norm`; fallback (everywhere, CUDA and CPU included) `F.rms_norm` in fp32.
+- rope: Ascend `npu_rotary_mul`; fallback (everywhere, CUDA and CPU included) `apply_rope`.
 
 Vendor modules come from the accelerator layer (`zili.accel.vendor_ops`, `flash_attn_func`); nothing here
 imports them. Every fused path has the pure-PyTorch fallback, which the CPU tests compare with textbook
@@ -22,38 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from zili import accel
+from zili import accel, cpu
 
-# Largest batch * heads * T * T for which CPU training uses `causal_attention` (its saved attention
-# probabilities cost about 1 byte per element in bf16); longer sequences use PyTorch's flash kernel, and
-# so does everything without gradients (evaluation, generation), where the flash forward is faster.
-MATMUL_ATTENTION_MAX_SCORES = 1 << 27
 NPU_CAUSAL_MASK_SIZE = 2048  # npu_fusion_attention's compressed causal mask (sparse_mode 2) is 2048 x 2048
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + causal mask) v, in q's dtype, with plain batched matmuls.
-
-    For training on CPU it beats the flash kernel of `scaled_dot_product_attention` (forward + backward,
-    bf16, 2 cores: 2.4x at T=512, 1.3x at T=2048), whose forward alone is faster. The H/KV query heads
-    sharing a KV head are stacked into one matrix, so keys and values are never repeated. Queries go in
-    blocks of `block` positions, each against the keys up to its last position only, which skips most of
-    the masked upper triangle.
-    """
-    B, H, T, d = q.shape
-    kv = k.shape[1]
-    group = H // kv
-    k, v = k.reshape(B * kv, T, d), v.reshape(B * kv, T, d)
-    future = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-    outs = []
-    with torch.autocast(q.device.type, enabled=False):  # all in q's dtype; softmax accumulates in fp32
-        for t0 in range(0, T, block):
-            t1 = min(T, t0 + block)
-            q_block = q[:, :, t0:t1].reshape(B * kv, group * (t1 - t0), d)
-            mask = future[t0:t1, :t1].repeat(group, 1)
-            scores = torch.baddbmm(mask, q_block, k[:, :t1].transpose(1, 2), alpha=1.0 / math.sqrt(d))
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1]).view(B, H, t1 - t0, d))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def sdpa_attention(q, k, v, mask=None, causal: bool = True) -> torch.Tensor:
@@ -103,9 +74,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         flash = _flash()
         if flash is not None:
             return flash_attention(flash, q, k, v)
-    B, H, T, _ = q.shape
-    if plain_causal and device == "cpu" and torch.is_grad_enabled() and B * H * T * T <= MATMUL_ATTENTION_MAX_SCORES:
-        return causal_attention(q, k, v)
+    if plain_causal and device == "cpu" and cpu.use_matmul_attention(q):
+        return cpu.causal_attention(q, k, v)
     return sdpa_attention(q, k, v, mask, causal)
 
 

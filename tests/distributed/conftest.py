@@ -1,6 +1,7 @@
 """Real multi-process runs on CPU with gloo: `zili_ranks(n, *args)` starts n `python -m zili train`
 processes with the environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT),
-waits for all of them and returns their results; `zili_torchrun` goes through torchrun itself."""
+waits for all of them and returns their results; `zili_torchrun` goes through torchrun itself;
+`python_ranks(n, script, *args)` runs any Python script the same way."""
 
 from __future__ import annotations
 
@@ -47,23 +48,7 @@ def zili_ranks(tmp_path):
     """Run `zili train ARGS` as `n` real processes joined by gloo; returns one RankResult per rank."""
 
     def run(n: int, *args: str, timeout: int = 300) -> list[RankResult]:
-        port = _free_port()
-        procs = []
-        for rank in range(n):
-            env = {**_env(tmp_path), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
-                   "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            procs.append(subprocess.Popen([sys.executable, "-m", "zili", "train", *map(str, args)], env=env,
-                                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        results = []
-        try:
-            for rank, proc in enumerate(procs):
-                out, err = proc.communicate(timeout=timeout)
-                results.append(RankResult(rank, proc.returncode, out, err))
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-        return results
+        return launch_ranks(n, [sys.executable, "-m", "zili", "train", *map(str, args)], tmp_path, timeout)
 
     return run
 
@@ -76,6 +61,38 @@ def zili_torchrun(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                "-m", "zili", "train", *map(str, args)]
         return subprocess.run(cmd, env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def launch_ranks(n: int, argv: list[str], tmp_path: Path, timeout: int) -> list[RankResult]:
+    """Run the command `argv` as `n` processes with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT; OMP_NUM_THREADS=1) in `tmp_path`; wait for all of them."""
+    port = _free_port()
+    procs = []
+    for rank in range(n):
+        env = {**_env(tmp_path), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+               "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            results.append(RankResult(rank, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+@pytest.fixture
+def python_ranks(tmp_path):
+    """Run `python SCRIPT ARGS` as `n` real processes (join them with `init_process_group("gloo")`)."""
+
+    def run(n: int, script, *args, timeout: int = 300) -> list[RankResult]:
+        return launch_ranks(n, [sys.executable, str(script), *map(str, args)], tmp_path, timeout)
 
     return run
 

@@ -1,4 +1,5 @@
-"""A layout (or device choice) that cannot work stops every rank with exit code 2 and one line from rank 0, before training."""
+"""A layout (or device choice) that cannot work stops every rank with exit code 2 and one line from rank 0,
+before training."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 from tests.distributed.conftest import check_ok
+from zili import checkpoint
 from zili.infer.run import load_run
 from zili.interop.export_hf import export_hf
-from zili.train import checkpoint
 
 pytest.importorskip("transformers")
 

@@ -9,6 +9,7 @@ import pytest
 from zili.accel import load_chips
 from zili.bench.workloads import WORKLOADS
 from zili.models.flops import flops_per_token, param_counts
+from zili.train.metrics import read_metrics
 
 FIELDS = ("device", "chip", "workload", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "a100_ratio")
 
@@ -64,3 +65,21 @@ def test_bad_bench_input_is_one_line(tmp_path, zili_cli):
     for args in (["--compare", tmp_path / "x.json"], ["--steps", "0"]):
         proc = zili_cli("bench", *args)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
+
+
+def test_bench_and_train_take_the_same_first_step(zili_cli, tiny_dataset, tmp_path):
+    """`zili bench` builds and steps its model through the trainer's own code: same shape, seed and batch
+    give the trainer's step-1 loss."""
+    bench = zili_cli("bench", "--workload", "dense-tiny", "--steps", "1", "--warmup", "1", "--batch", "4", "--seq",
+                     "32", "--dtype", "fp32", "--seed", "7", "--data", tiny_dataset, check=True)
+    first = json.loads(bench.stdout)["first_loss"]
+    w = WORKLOADS["dense-tiny"].args
+    run = tmp_path / "run"
+    zili_cli("train", f"--data.dataset={tiny_dataset}", f"--model.n_layers={w.n_layers}", f"--model.dim={w.dim}",
+             f"--model.n_heads={w.n_heads}", f"--model.n_kv_heads={w.n_kv_heads}", f"--model.ffn_dim={w.ffn_dim}",
+             f"--model.vocab_size={w.vocab_size}", f"--model.rope_theta={w.rope_theta}",
+             "--model.tied_embeddings=false", "--training.seed=7", "--training.batch_size=4", "--training.seq_len=32",
+             "--training.steps=1", "--training.dtype=fp32", "--training.eval_every=0", "--training.sample_tokens=0",
+             "--metrics.progress=false", f"--training.run_dir={run}", check=True)
+    step1 = read_metrics(run)[0]
+    assert step1["step"] == 1 and step1["loss"] == pytest.approx(first, rel=1e-6, abs=0)

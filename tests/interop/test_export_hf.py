@@ -70,7 +70,8 @@ def test_trained_model_loads_in_transformers_unchanged(trained_run, tmp_path, zi
                          pad_token_id=tokenizer.eos_id)[0, len(prompt):].tolist()
     assert ours == theirs
     text = "Hello, world!  Tabs\tand ünïcode — wrapped text."
-    assert transformers.AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert (transformers.AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False)
+            == tokenizer.encode(text))
 
 
 def test_sharded_export_loads(trained_run, tmp_path):

@@ -59,7 +59,8 @@ def test_train_20_steps_then_export_loads_in_transformers(hf_models, hf_dataset,
                          pad_token_id=tokenizer.eos_id)[0, len(prompt):].tolist()
     assert ours == theirs
     text = "def fill(text, width=70):  # wrap ü"
-    assert transformers.AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert (transformers.AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False)
+            == tokenizer.encode(text))
 
 
 def test_dataset_with_another_tokenizer_is_one_line(hf_models, tiny_dataset, tmp_path, zili_cli):

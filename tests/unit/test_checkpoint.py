@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from zili import checkpoint
 from zili.config import OptimizerConfig
 from zili.errors import UserError
 from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
-from zili.train import checkpoint
 from zili.train.optim import build_optimizer
 
 ARGS = dict(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=50, max_seq_len=16)
@@ -61,7 +61,30 @@ def test_mismatched_model_is_a_user_error(tmp_path):
     wider, wider_opt = trained(0, dim=64)
     with pytest.raises(UserError, match="another model: dim=32"):
         checkpoint.check_compatible(path, wider.args.to_dict())
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match="has shape"):
         checkpoint.load_model(path, wider)
     with pytest.raises(UserError, match="no checkpoint for step 5"):
         checkpoint.resolve(tmp_path, 5)
+
+
+def test_load_errors_name_the_real_cause(tmp_path):
+    model, opt = trained(0)
+    checkpoint.save(tmp_path, 1, [model], [opt], {"step": torch.tensor(1)}, {"model": model.args.to_dict()}, keep=1)
+    path = checkpoint.resolve(tmp_path)
+    wider, _ = trained(0, dim=64)
+    with pytest.raises(UserError, match=r"'model.embed.weight' has shape \(50, 32\) there but \(50, 64\) here"):
+        checkpoint.load_model(path, wider)
+    tied, tied_opt = trained(0, tied_embeddings=True)
+    checkpoint.save(tmp_path / "tied", 1, [tied], [tied_opt], {}, {}, keep=1)
+    with pytest.raises(UserError, match="has no 'model.lm_head.weight'"):
+        checkpoint.load_model(checkpoint.resolve(tmp_path / "tied"), model)
+    for data in path.glob("*.distcp"):
+        data.unlink()
+    with pytest.raises(UserError, match="data file is missing or unreadable .*No such file"):
+        checkpoint.load_model(path, model)
+    (path / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cannot be read .* damaged"):
+        checkpoint.load_model(path, model)
+    (path / ".metadata").unlink()
+    with pytest.raises(UserError, match="no .metadata file"):
+        checkpoint.load_model(path, model)

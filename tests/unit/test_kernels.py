@@ -51,7 +51,8 @@ def test_rms_norm_and_rope_fallbacks_equal_textbook():
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6).double(), ref, atol=1e-6, rtol=1e-6)
     x = torch.randn(2, 4, 10, 16)
     angles = torch.outer(torch.arange(10.0), 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16))
-    pairs = torch.complex(x[..., :8].double(), x[..., 8:].double()) * torch.polar(torch.ones_like(angles).double(), angles.double())
+    pairs = (torch.complex(x[..., :8].double(), x[..., 8:].double())
+             * torch.polar(torch.ones_like(angles).double(), angles.double()))
     ref = torch.cat([pairs.real, pairs.imag], -1)  # rotating (i, i + d/2) pairs by position x frequency
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     torch.testing.assert_close(kernels.apply_rope(x, cos, sin).double(), ref, atol=1e-5, rtol=1e-5)
@@ -87,7 +88,8 @@ def test_npu_kernels_are_called_with_documented_layouts(monkeypatch):
     calls = []
     npu = fake_torch_npu(calls)
     q, k, v = qkv()
-    torch.testing.assert_close(kernels.npu_attention(npu, q, k, v).double(), textbook_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.npu_attention(npu, q, k, v).double(), textbook_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
     # dispatch: an "npu" tensor goes to the fused kernels when the plugin is there
     monkeypatch.setattr(accel, "vendor_ops", lambda device_type: npu if device_type == "npu" else None)
     x = torch.randn(2, 3, 8)

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zili.kernels as kernels
+from zili import cpu
+from zili.cpu import causal_attention
 from zili.infer.generate import generate
 from zili.models.args import ModelArgs
-from zili.kernels import causal_attention
 from zili.models.transformer import Transformer
+from zili.parallel.compile import compile_model
 from zili.train.step import lm_loss
 
 
@@ -102,8 +103,8 @@ def test_matmul_and_sdpa_attention_paths_agree(monkeypatch):
     other = copy.deepcopy(model)
     tokens = torch.randint(0, 101, (2, 33))
     results = {}
-    for name, limit in (("matmul", kernels.MATMUL_ATTENTION_MAX_SCORES), ("sdpa", 0)):
-        monkeypatch.setattr(kernels, "MATMUL_ATTENTION_MAX_SCORES", limit)
+    for name, limit in (("matmul", cpu.MATMUL_ATTENTION_MAX_SCORES), ("sdpa", 0)):
+        monkeypatch.setattr(cpu, "MATMUL_ATTENTION_MAX_SCORES", limit)
         m = model if name == "matmul" else other
         for dtype in (torch.float32, torch.bfloat16):
             m.zero_grad()
@@ -173,12 +174,10 @@ def test_rmsnorm_hands_the_autocast_dtype_to_the_matmuls():
 
 
 def test_row_major_grad_linear_equals_nn_linear():
-    from zili.parallel.compile import _Linear
-
     torch.manual_seed(0)
     plain = torch.nn.Linear(24, 40)
     swapped = copy.deepcopy(plain)
-    swapped.__class__ = _Linear
+    swapped.__class__ = cpu._RowMajorGradLinear
     x = torch.randn(3, 7, 24)
     for bf16 in (False, True):
         grads = []
@@ -195,14 +194,12 @@ def test_row_major_grad_linear_equals_nn_linear():
 
 
 def test_compiled_blocks_keep_names_gradients_and_generation(monkeypatch):
-    import zili.parallel.compile as compile_module
-
-    monkeypatch.setattr(compile_module, "MIN_IN_FEATURES_FOR_ROW_MAJOR_GRAD", 0)  # exercise the custom backward
+    monkeypatch.setattr(cpu, "MIN_IN_FEATURES_FOR_ROW_MAJOR_GRAD", 0)  # exercise the custom backward
     args = args_for(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=48, vocab_size=50)
     eager = build(args)
     compiled = copy.deepcopy(eager)
-    compile_module.compile_model(compiled)
-    assert type(compiled.blocks["0"].mlp.up_proj) is compile_module._Linear
+    compile_model(compiled, "cpu")
+    assert type(compiled.blocks["0"].mlp.up_proj) is cpu._RowMajorGradLinear
     assert list(compiled.state_dict()) == list(eager.state_dict())
     tokens = torch.randint(0, 50, (2, 17))
     for model in (eager, compiled):

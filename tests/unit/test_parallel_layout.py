@@ -9,8 +9,9 @@ from zili.config import Config
 from zili.errors import UserError
 from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
-from zili.parallel.apply import init_weights
-from zili.parallel.mesh import ParallelDims, check_layout, resolve_dims, stages_per_rank
+from zili.parallel.init import init_weights
+from zili.parallel.layout import Layout
+from zili.parallel.mesh import check_layout, resolve_layout, stages_per_rank
 from zili.parallel.pipeline import layer_ranges, stage_ids, stage_module
 from zili.train.step import clip_grad_norm_
 
@@ -26,10 +27,17 @@ def config(**parallelism) -> Config:
     return cfg
 
 
-def test_dp_shard_minus_one_takes_the_rest():
-    assert resolve_dims(config(tp=2, pp=2).parallelism, 16) == ParallelDims(pp=2, dp_replicate=1, dp_shard=4, tp=2)
-    assert resolve_dims(config(dp_replicate=2).parallelism, 8).dp == 8
-    assert resolve_dims(config().parallelism, 1) == ParallelDims()
+def test_dp_shard_minus_one_takes_the_rest_and_the_config_becomes_the_shared_layout():
+    cfg = config(tp=2, pp=2, pp_schedule="Interleaved1F1B")
+    cfg.training.batch_size = 16
+    layout = resolve_layout(cfg, 16)
+    assert layout == Layout(pp=2, vpp=2, dp_replicate=1, dp_shard=4, tp=2, microbatch=1, sequence_parallel=True,
+                            dtype="bf16")  # 16 sequences over dp 4 = 4 per rank, in 2 x 2 pipeline micro-batches
+    assert resolve_layout(config(dp_replicate=2), 8).dp == 8
+    assert resolve_layout(config(), 1) == Layout(microbatch=8)
+    cfg = config()
+    cfg.training.activation_checkpointing, cfg.training.micro_batch_size = True, 2
+    assert resolve_layout(cfg, 1) == Layout(microbatch=2, recompute="full")
 
 
 @pytest.mark.parametrize("layout,world,message", [
@@ -39,29 +47,32 @@ def test_dp_shard_minus_one_takes_the_rest():
 ])
 def test_degrees_must_multiply_to_world_size(layout, world, message):
     with pytest.raises(UserError, match=message):
-        resolve_dims(config(**layout).parallelism, world)
+        resolve_layout(config(**layout), world)
 
 
 @pytest.mark.parametrize("layout,overrides,message", [
     (dict(tp=4), {}, "does not divide the model's n_kv_heads"),
     (dict(tp=2), dict(ffn_dim=95), "does not divide the model's ffn_dim"),
+    (dict(tp=2), dict(vocab_size=127), "does not divide the model's vocab_size"),
     (dict(pp=4, pp_schedule="Interleaved1F1B"), {}, "makes 8 pipeline stages but the model has 4 layers"),
     (dict(pp=2), dict(tied_embeddings=True), "tied_embeddings=false"),
     (dict(pp=2, pp_microbatches=3), {}, "does not split into pp_microbatches=3"),
+    (dict(pp=2, pp_microbatches=1), {}, "1 micro-batches per step cannot fill 2 pipeline stages"),
     (dict(pp=2, pp_schedule="1F1B", pp_stages_per_rank=2), {}, "runs one stage per rank"),
     (dict(dp_shard=3), {}, "not divisible by the data-parallel degree 3"),
+    (dict(), dict(mlp="gelu"), "SwiGLU"),
 ])
 def test_layout_checks(layout, overrides, message):
     cfg = config(**layout)
+    world = cfg.parallelism.pp * max(cfg.parallelism.dp_shard, 1) * cfg.parallelism.tp
     args = ModelArgs(**{**ARGS.to_dict(), **overrides})
-    dims = ParallelDims(pp=cfg.parallelism.pp, dp_shard=max(cfg.parallelism.dp_shard, 1), tp=cfg.parallelism.tp)
     with pytest.raises(UserError, match=message):
-        check_layout(dims, cfg, args)
+        check_layout(resolve_layout(cfg, world), args, cfg.training.batch_size)
 
 
 def test_good_layout_passes_and_counts_stages():
     cfg = config(pp=2, pp_schedule="Interleaved1F1B", dp_shard=2)
-    check_layout(ParallelDims(pp=2, dp_shard=2), cfg, ARGS)
+    check_layout(resolve_layout(cfg, 4), ARGS, cfg.training.batch_size)
     assert stages_per_rank(cfg.parallelism) == 2
     assert stages_per_rank(config(pp=2).parallelism) == 1
 

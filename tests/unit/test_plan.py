@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from zili.cli import main
+from zili.models.args import ModelArgs
 from zili.models.flops import param_counts
+from zili.parallel.layout import Layout
 from zili.plan import memory
-from zili.plan.cost import step_time
-from zili.plan.layout import Layout
+from zili.plan.cost import Step, step_time
 from zili.plan.published import mpt_sweep_runs, plan_args
-from zili.plan.spec import Arch, load_arch, load_cluster
+from zili.plan.spec import load_cluster, load_model
 
 RUNS = tomllib.loads((Path(__file__).parents[1] / "data" / "planner" / "published_runs.toml").read_text())
 GIB = 2**30
@@ -34,6 +35,13 @@ def user_error(capsys, *args) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def split_model(values: dict) -> tuple[ModelArgs, int]:
+    """A model file's keys -> (architecture, seq_len)."""
+    values = dict(values)
+    seq_len = values.pop("seq_len")
+    return ModelArgs(**values), seq_len
 
 
 def model_file(tmp_path, values: dict, name="model.toml") -> Path:
@@ -60,49 +68,49 @@ def test_step_time_matches_published_runs(tmp_path, capsys):
 @pytest.mark.parametrize("row", RUNS["memory"], ids=lambda r: r["name"])
 def test_activation_memory_matches_korthikanti(row):
     run = next(r for r in RUNS["run"] if r["name"] == row["run"])
-    arch = Arch(**run["model"])
+    args, seq_len = split_model(run["model"])
     lay = run["layout"]
     base = dict(tp=lay["tp"], pp=lay["pp"], vpp=lay["vpp"], dp_replicate=lay["dp"], microbatch=lay["microbatch"])
     none = Layout(**base, recompute="none", sequence_parallel=False, attention=lay["attention"])
     selective = Layout(**base, recompute="selective", sequence_parallel=True, attention=lay["attention"])
     for layout, key in ((none, "activations_gib_no_recompute"), (selective, "activations_gib_selective_sp")):
-        got = memory.activation_bytes(arch, layout, lay["global_batch"], "first") / GIB
+        got = memory.activation_bytes(args, layout, seq_len, lay["global_batch"], "first") / GIB
         assert got == pytest.approx(row["measured"][key], rel=0.10), (key, got)
 
 
 def test_recompute_and_sharding_order_memory():
-    arch = load_arch("llama3-70b")
-    acts = {rec: memory.activation_bytes(arch, Layout(tp=8, pp=4, dp_shard=16, recompute=rec,
-                                                      sequence_parallel=True), 1024) for rec in
+    args, seq_len = load_model("llama3-70b")
+    acts = {rec: memory.activation_bytes(args, Layout(tp=8, pp=4, dp_shard=16, recompute=rec,
+                                                      sequence_parallel=True), seq_len, 1024) for rec in
             ("none", "selective", "full")}
     assert acts["full"] < acts["selective"] <= acts["none"]
-    weights = [sum(memory.weight_bytes(arch, Layout(tp=8, dp_shard=d), "first").values()) for d in (1, 4, 16)]
+    weights = [sum(memory.weight_bytes(args, Layout(tp=8, dp_shard=d), "first").values()) for d in (1, 4, 16)]
     assert weights[0] > weights[1] > weights[2]
     # ZeRO-3 over d ranks: 16 bytes per parameter / d (plus two gathered blocks)
-    p = memory.stage_params(arch, Layout(tp=8, dp_shard=16), "first")["dense"]
-    w = memory.weight_bytes(arch, Layout(tp=8, dp_shard=16), "first")
+    p = memory.stage_params(args, Layout(tp=8, dp_shard=16), "first")["dense"]
+    w = memory.weight_bytes(args, Layout(tp=8, dp_shard=16), "first")
     assert w["params"] + w["grads"] + w["optimizer"] == pytest.approx(16 * p / 16)
 
 
 def test_attention_kernel_and_dropout_change_memory_and_time():
     """A fused (flash) kernel stores no scores and does the causal half of the attention matmuls, with a
     backward of 2.5 forwards; materialized scores cost 5 a s^2 b bytes with dropout (2 without)."""
-    base = dict(n_layers=24, dim=2048, n_heads=16, n_kv_heads=16, ffn_dim=8192, vocab_size=50368, seq_len=8192,
-                mlp="gelu", tied_embeddings=True)
+    base = dict(n_layers=24, dim=2048, n_heads=16, n_kv_heads=16, ffn_dim=8192, vocab_size=50368, mlp="gelu",
+                tied_embeddings=True)
     a, s, b = 16, 8192, 2
     flash, eager = (Layout(dp_shard=8, microbatch=b, attention=k) for k in ("flash", "materialized"))
     for dropout, score_bytes in ((False, 2), (True, 5)):
-        arch = Arch(**base, dropout=dropout)
-        rest_f, scores_f = memory.layer_activation_parts(arch, flash)
-        rest_e, scores_e = memory.layer_activation_parts(arch, eager)
+        args = ModelArgs(**base, dropout=dropout)
+        rest_f, scores_f = memory.layer_activation_parts(args, flash, s)
+        rest_e, scores_e = memory.layer_activation_parts(args, eager, s)
         assert scores_f == 0 and scores_e == score_bytes * a * s * s * b and rest_f == rest_e
-    assert memory.layer_activation_parts(Arch(**base, dropout=True), flash)[0] == pytest.approx(
-        memory.layer_activation_parts(Arch(**base), flash)[0] + 2 * s * b * 2048)  # two 1-byte masks
+    assert memory.layer_activation_parts(ModelArgs(**base, dropout=True), flash, s)[0] == pytest.approx(
+        memory.layer_activation_parts(ModelArgs(**base), flash, s)[0] + 2 * s * b * 2048)  # two 1-byte masks
     cluster = load_cluster("a100-80gb", 8, 8)
-    arch = Arch(**base)
-    hw = {k: step_time(arch, cluster, Layout(dp_shard=8, microbatch=b, attention=k), 64)["hardware_flops"]
-          for k in ("flash", "materialized")}
-    attention = 64 * s * arch.n_layers * 4.0 * s * arch.dim  # forward attention FLOPs of the step, unmasked
+    args = ModelArgs(**base)
+    hw = {k: step_time(Step(args=args, seq_len=s, layout=Layout(dp_shard=8, microbatch=b, attention=k),
+                            cluster=cluster, global_batch=64)).hardware_flops for k in ("flash", "materialized")}
+    attention = 64 * s * args.n_layers * 4.0 * s * args.dim  # forward attention FLOPs of the step, unmasked
     assert hw["materialized"] - hw["flash"] == pytest.approx(attention * (3 - 0.5 * 3.5))
 
 
@@ -124,14 +132,14 @@ def test_primary_source_rows_are_the_sweep_rows_they_cite():
 
 
 def test_pipeline_bubble_is_p_minus_1_over_v_m():
-    arch = load_arch("llama3-70b")
+    args, seq_len = load_model("llama3-70b")
     cluster = load_cluster("h100-sxm", 64, 8)
     for vpp in (1, 2):
         layout = Layout(tp=8, pp=8, vpp=vpp, dp_shard=1, microbatch=1, recompute="full", sequence_parallel=True)
-        t = step_time(arch, cluster, layout, 32)
-        assert t["microbatches"] == 32 and t["dp_comm_s"] == 0  # dp = 1: no gradient reduction
-        busy = t["step_s"] - t["bubble_s"]
-        assert t["bubble_s"] == pytest.approx(busy * 7 / (vpp * 32), rel=1e-9)
+        t = step_time(Step(args=args, seq_len=seq_len, layout=layout, cluster=cluster, global_batch=32))
+        assert t.microbatches == 32 and t.dp_comm_s == 0  # dp = 1: no gradient reduction
+        busy = t.step_s - t.bubble_s
+        assert t.bubble_s == pytest.approx(busy * 7 / (vpp * 32), rel=1e-9)
 
 
 def test_every_flag_given_returns_that_layout_with_json_fields(capsys):
@@ -158,7 +166,8 @@ def test_search_ranks_by_mfu_and_reports_infeasible(capsys):
     assert mfus == sorted(mfus, reverse=True) and len(mfus) == 3
     assert all(r["mem_gb"] <= 80 * 2**30 / 1e9 * 0.9 for r in plan["layouts"])  # 80 GiB, 90 % usable
     assert any("GB per chip" in why for why in plan["infeasible"])
-    assert all(e["count"] >= 1 and e["example"] for e in plan["infeasible"].values())  # e.g. no sharding at all does not fit
+    # e.g. no sharding at all does not fit
+    assert all(e["count"] >= 1 and e["example"] for e in plan["infeasible"].values())
 
 
 def test_moe_model_file(tmp_path, capsys):
@@ -182,6 +191,7 @@ def test_budget_gives_compute_optimal_model(capsys):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--model", "llama3-70b", "--chip", "a100-80gb", "--count", 64, "--tp", 3], "tp=3 does not divide"),
+    (["--model", "llama3-8b", "--chip", "h100-sxm", "--count", 8, "--per-node", 4, "--tp", 8], "keep tp within a node"),
     (["--model", "dense-1t", "--chip", "a100-80gb", "--count", 3072, "--tp", 8, "--pp", 64, "--dp-replicate", 6,
       "--dp-shard", 1, "--vpp", 1, "--cp", 1, "--ep", 1, "--zero", 3, "--microbatch", 1, "--recompute", "none",
       "--sequence-parallel", "--dtype", "bf16"], "GB per chip"),
@@ -228,7 +238,7 @@ def test_chip_file_plans_like_its_table_row(tmp_path, capsys):
 
 
 def test_dense_1t_preset_size():
-    assert param_counts(load_arch("dense-1t"))["total"] == pytest.approx(1.0e12, rel=0.02)
+    assert param_counts(load_model("dense-1t")[0])["total"] == pytest.approx(1.0e12, rel=0.02)
 
 
 def test_verify_dense_1t_on_3072_fake_ranks(zili_cli):

@@ -7,10 +7,15 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from zili.errors import UserError
 from zili.models.args import ModelArgs
-from zili.parallel.mesh import ParallelDims
+from zili.parallel.layout import Layout
 from zili.plan.verify import measure_rank_bytes
 
 TINY = ModelArgs(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=64)
+
+
+def layout(**values) -> Layout:
+    """A layout with sequence parallelism wherever tp > 1 (the planner's default) unless given."""
+    return Layout(**{"sequence_parallel": values.get("tp", 1) > 1, **values})
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +42,13 @@ def check(result: dict, want: dict) -> None:
 
 
 def test_single_process_holds_the_whole_model():
-    r = measure_rank_bytes(TINY, ParallelDims())
+    r = measure_rank_bytes(TINY, layout())
     check(r, expected(4, embed=True, head=True))
     assert r["n_params_local"] == 180_800 and r["stage_ids"] == [0] and r["world_size"] == 1
 
 
 def test_tensor_parallel_alone_splits_the_matrices():
-    r = measure_rank_bytes(TINY, ParallelDims(tp=2))
+    r = measure_rank_bytes(TINY, layout(tp=2))
     want = expected(4, embed=True, head=True, tp=2)
     assert r["params"] == want["params"] and r["optimizer"] == want["optimizer"]
     # without FSDP the embedding's gradient comes back replicated (full size) from DTensor's backward
@@ -51,8 +56,8 @@ def test_tensor_parallel_alone_splits_the_matrices():
 
 
 def test_first_and_last_pipeline_stage():
-    dims = ParallelDims(pp=2, dp_shard=2, tp=2)
-    first, last = measure_rank_bytes(TINY, dims, rank=0), measure_rank_bytes(TINY, dims, rank=7)
+    two_stages = layout(pp=2, dp_shard=2, tp=2)
+    first, last = measure_rank_bytes(TINY, two_stages, rank=0), measure_rank_bytes(TINY, two_stages, rank=7)
     assert first["stage_ids"] == [0] and last["stage_ids"] == [1] and first["world_size"] == 8
     check(first, expected(2, embed=True, tp=2, shard=2))
     check(last, expected(2, head=True, tp=2, shard=2))
@@ -60,15 +65,15 @@ def test_first_and_last_pipeline_stage():
 
 
 def test_interleaved_stages():
-    r = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_shard=2, tp=2), stages_per_rank=2, rank=7)
+    r = measure_rank_bytes(TINY, layout(pp=2, vpp=2, dp_shard=2, tp=2), rank=7)
     assert r["stage_ids"] == [1, 3]  # one block per stage; stage 3 is the last
     check(r, expected(2, head=True, tp=2, shard=2))
 
 
 def test_dp_shard_divides_the_bytes():
-    replicated = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_replicate=4, tp=2))
-    hybrid = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_replicate=2, dp_shard=2, tp=2))
-    sharded = measure_rank_bytes(TINY, ParallelDims(pp=2, dp_shard=4, tp=2))
+    replicated = measure_rank_bytes(TINY, layout(pp=2, dp_replicate=4, tp=2))
+    hybrid = measure_rank_bytes(TINY, layout(pp=2, dp_replicate=2, dp_shard=2, tp=2))
+    sharded = measure_rank_bytes(TINY, layout(pp=2, dp_shard=4, tp=2))
     check(replicated, expected(2, embed=True, tp=2))
     check(hybrid, expected(2, embed=True, tp=2, shard=2))
     check(sharded, expected(2, embed=True, tp=2, shard=4))
@@ -76,33 +81,34 @@ def test_dp_shard_divides_the_bytes():
 
 
 def test_middle_stage_of_a_64_rank_world():
-    r = measure_rank_bytes(TINY, ParallelDims(pp=4, dp_replicate=2, dp_shard=4, tp=2), rank=21)  # pp stride 16
+    r = measure_rank_bytes(TINY, layout(pp=4, dp_replicate=2, dp_shard=4, tp=2), rank=21)  # pp stride 16
     assert r["stage_ids"] == [1] and r["world_size"] == 64
     check(r, expected(1, tp=2, shard=4))  # one block, no embedding, no head
 
 
 def test_recompute_and_sequence_parallel_leave_persistent_bytes_alone():
-    r = measure_rank_bytes(TINY, ParallelDims(dp_shard=2, tp=2), activation_checkpointing=True, sequence_parallel=False)
+    r = measure_rank_bytes(TINY, layout(dp_shard=2, tp=2, recompute="full", sequence_parallel=False))
     check(r, expected(4, embed=True, head=True, tp=2, shard=2))
 
 
-@pytest.mark.parametrize("args, dims, kw, match", [
-    (TINY, ParallelDims(tp=4), {}, "n_kv_heads"),
-    (TINY, ParallelDims(pp=8), {}, "layers"),
-    (ModelArgs(**{**TINY.to_dict(), "tied_embeddings": True}), ParallelDims(pp=2), {}, "tied_embeddings"),
-    (TINY, ParallelDims(), {"stages_per_rank": 2}, "pp > 1"),
-    (TINY, ParallelDims(pp=2), {"stages_per_rank": 0}, "stages_per_rank=0"),
-    (TINY, ParallelDims(tp=2), {"rank": 2}, "outside"),
+@pytest.mark.parametrize("args, lay, kw, match", [
+    (TINY, layout(tp=4), {}, "n_kv_heads"),
+    (TINY, layout(pp=8), {}, "layers"),
+    (ModelArgs(**{**TINY.to_dict(), "tied_embeddings": True}), layout(pp=2), {}, "tied_embeddings"),
+    (TINY, layout(vpp=2), {}, "pp > 1"),
+    (TINY, layout(pp=2, vpp=0), {}, "at least 1"),
+    (TINY, layout(tp=2), {"rank": 2}, "outside"),
+    (TINY, layout(cp=2), {}, "context or expert parallelism"),
 ])
-def test_refuses_impossible_layouts(args, dims, kw, match):
+def test_refuses_impossible_layouts(args, lay, kw, match):
     with pytest.raises(UserError, match=match):
-        measure_rank_bytes(args, dims, **kw)
+        measure_rank_bytes(args, lay, **kw)
 
 
 def test_refuses_to_run_beside_a_process_group():
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
     try:
         with pytest.raises(UserError, match="process group already exists"):
-            measure_rank_bytes(TINY, ParallelDims())
+            measure_rank_bytes(TINY, layout())
     finally:
         dist.destroy_process_group()

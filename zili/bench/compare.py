@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tabulate import tabulate
+
 from zili.errors import UserError
 
 ROWS = [("workload", "workload", "{}"), ("chip", "chip", "{}"), ("batch x seq", None, "{}"),
@@ -42,9 +44,8 @@ def table(results: list[dict]) -> str:
         else:
             cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for r in results]
         lines.append([title, *cells])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in lines)
+    return tabulate(lines[1:], lines[0], tablefmt="plain", colalign=("left", *["right"] * len(results)),
+                    disable_numparse=True)
 
 
 def chart(results: list[dict], png: Path) -> Path:

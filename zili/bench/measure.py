@@ -1,8 +1,9 @@
 """Measure one workload on this device: tokens/s, achieved TFLOP/s, MFU, peak memory, A100 ratio.
 
-A step is the trainer's own (`zili.train.step.train_step`: bf16 autocast, fp32 master weights, fused AdamW
-where available, gradient clipping). Warm-up steps (and compilation, with `compile`) are excluded; the
-timed steps end with a device synchronisation. FLOPs per token come from the one accountant
+A step is the trainer's own: the model is built through `zili.parallel.apply.parallelize` and stepped by
+`zili.train.step.train_step` exactly as `zili train` does (bf16 autocast, fp32 master weights, fused AdamW
+where available, gradient clipping, non-finite steps skipped). Warm-up steps (and compilation, with `compile`)
+are excluded; the timed steps end with a device synchronisation. FLOPs per token come from the one accountant
 (`zili.models.flops`), peaks from the chip table (`zili.accel`).
 
 `a100_ratio` = tokens/s here ÷ the tokens/s an A100-80GB reaches on the same workload at
@@ -13,24 +14,31 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from zili.accel import chip_row_for, get_accelerator, load_chips, tune_cpu_allocator
+from zili.accel import chip_row_for, get_accelerator, load_chips
 from zili.bench.workloads import WORKLOADS
-from zili.config import OptimizerConfig
+from zili.config import Config
+from zili.data.loader import Loader, PackedDataset
 from zili.errors import UserError
 from zili.models.flops import flops_per_token, param_counts
 from zili.models.transformer import Transformer
+from zili.parallel.apply import parallelize
 from zili.train.optim import build_optimizer
-from zili.train.step import train_step
+from zili.train.step import lm_loss, train_step
 
 A100_REFERENCE_MFU = 0.5  # dense bf16 LLM training on A100s commonly reaches 0.4-0.55 (Megatron-LM, PaLM papers)
 
 
 def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "auto", dtype: str = "bf16",
-              batch: int | None = None, seq: int | None = None, compile: bool = False) -> dict:
-    """Measure `workload`; return the JSON-ready result."""
+              batch: int | None = None, seq: int | None = None, compile: bool = False, seed: int = 0,
+              data: str | None = None) -> dict:
+    """Measure `workload` (initial weights from `seed`, as `training.seed`); return the JSON-ready result,
+    `first_loss` being the loss of the first (warm-up) step. Every step trains on one batch: random tokens,
+    or with `data` (a `zili data prepare` directory) the first batch `zili train` would draw from it with
+    the same seed, batch and sequence length."""
     if workload not in WORKLOADS:
         raise UserError(f"unknown workload {workload!r} — choose one of {', '.join(WORKLOADS)}")
     if steps < 1 or warmup < 0 or (batch is not None and batch < 1) or (seq is not None and seq < 2):
@@ -40,32 +48,37 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
     args = replace(w.args, max_seq_len=max(seq, w.args.max_seq_len))
     accel = get_accelerator(device)
     compute = accel.compute_dtype(dtype)
-    if accel.type == "cpu":
-        tune_cpu_allocator()
+    accel.tune_for_training()
+    cfg = Config()
+    cfg.training.compile = compile
     with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=accel.device)
-    model.init_weights(seed=0)
-    if compile:
-        from zili.parallel.compile import compile_model
-
-        compile_model(model)
-    optimizer = build_optimizer(model, OptimizerConfig(), accel.type)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=gen).to(accel.device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        meta_model = Transformer(args)
+    model = parallelize(meta_model, cfg, device=accel.device, seed=seed, compute_dtype=compute, loss_fn=lm_loss)
+    optimizers = [build_optimizer(part, cfg.optimizer, accel.type) for part in model.parts]
+    if data:
+        dataset = PackedDataset(Path(data))
+        if dataset.vocab_size > args.vocab_size:
+            raise UserError(f"{data} has a {dataset.vocab_size}-token vocabulary but {workload} only {args.vocab_size} "
+                            "embeddings — prepare the data with a smaller tokenizer")
+        loader = Loader(dataset, seq, batch, seed, cfg.data.val_fraction, rank=0, world_size=1)
+        inputs, targets = (t.to(accel.device) for t in loader.next_batch())
+    else:
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=gen).to(accel.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step():
-        return train_step(model, optimizer, inputs, targets, micro_batch=batch,
-                          autocast=lambda: accel.autocast(compute), grad_clip=1.0)
+        return train_step(model, optimizers, inputs, targets, micro_batch=batch,
+                          autocast=lambda: accel.autocast(compute), grad_clip=cfg.training.grad_clip).loss
 
-    for _ in range(warmup):
+    first_loss = float(step())
+    for _ in range(warmup - 1):
         step()
     accel.synchronize()
     accel.reset_peak_memory()
     start = time.perf_counter()
     for _ in range(steps):
-        loss, _ = step()
+        loss = step()
     accel.synchronize()
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
@@ -87,7 +100,9 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
         "dtype": dtype,
         "compile": compile,
         "steps": steps,
-        "warmup": warmup,
+        "warmup": max(warmup, 1),
+        "seed": seed,
+        "first_loss": first_loss,
         "step_s": seconds / steps,
         "tokens_per_s": tokens_per_s,
         "tflops": per_token * tokens_per_s / 1e12,

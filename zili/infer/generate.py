@@ -32,6 +32,12 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
     (the reference the KV cache must match)."""
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
+    # compiled blocks run eagerly here: a KV cache at ever-changing positions would recompile them
+    with torch.compiler.set_stance("force_eager"):
+        return _generate(model, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_id, use_cache)
+
+
+def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_id, use_cache) -> list[int]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
+from zili import checkpoint
 from zili.accel import get_accelerator
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
 from zili.infer.generate import generate
 from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
-from zili.train import checkpoint
 
 
 def load_run(run_dir: str | Path, step: int | None = None, device: str = "auto") -> tuple[Transformer, Tokenizer]:

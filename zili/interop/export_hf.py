@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
+from zili.fsio import atomic_dir
 from zili.interop.hf import config_from_args, hf_name
 from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
-from zili.train import checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SHARD_BYTES = 5 * 10**9
@@ -73,7 +74,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     """Convert checkpoint `step` (newest if None) of `run_dir`; return OUT_DIR."""
     run_dir, out = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run directory {str(run_dir)!r} not found — pass the directory `zili train` or `zili import-hf` wrote")
+        raise UserError(f"run directory {str(run_dir)!r} not found — "
+                        "pass the directory `zili train` or `zili import-hf` wrote")
     path = checkpoint.resolve(run_dir, step)
     meta = checkpoint.read_meta(path)
     args = ModelArgs(**meta["model"])
@@ -85,9 +87,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} — pass --dtype")
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
 
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:
+        _write_directory(tmp, run_dir, path, args, family, dtype, tokenizer, max_shard_bytes)
+    return out
+
+
+def _write_directory(tmp: Path, run_dir: Path, path: Path, args: ModelArgs, family: str, dtype: str,
+                     tokenizer: Tokenizer, max_shard_bytes: int) -> None:
+    """Everything OUT_DIR holds, written into `tmp`."""
     tensors = ((hf_name(name), checkpoint.read_model_tensor(path, name, shape).to(DTYPES[dtype]))
                for name, shape in _parameters(args))
     weight_map = _write_shards(tensors, tmp, max_shard_bytes)
@@ -105,7 +112,3 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     for name in TOKENIZER_FILES:
         if (run_dir / "tokenizer" / name).is_file():
             shutil.copy2(run_dir / "tokenizer" / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

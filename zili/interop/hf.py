@@ -113,7 +113,8 @@ def args_from_config(config: dict) -> tuple[ModelArgs, str]:
             **_rope(config),
         )
     except KeyError as e:
-        raise UserError(f"config.json lacks {e.args[0]!r} — it is not a complete {MODEL_TYPES[family]} config") from None
+        raise UserError(f"config.json lacks {e.args[0]!r} — "
+                        f"it is not a complete {MODEL_TYPES[family]} config") from None
     if config.get("head_dim") not in (None, args.head_dim):
         raise UserError(f"head_dim {config['head_dim']} differs from hidden_size / num_attention_heads — not supported")
     if family == "llama" and args.qkv_bias:

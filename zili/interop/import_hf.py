@@ -3,7 +3,8 @@
 Reads config.json, the safetensors weights (one file, or shards listed in model.safetensors.index.json)
 and the tokenizer files; writes RUN_DIR/tokenizer/ and RUN_DIR/checkpoints/step-0000000/ (model weights in
 fp32 through DCP, and meta.json with the architecture, the family and the source dtype, which export uses
-to write the weights back in their original precision). Tensors are read one at a time.
+to write the weights back in their original precision). Tensors are read one at a time, and
+`HFWeights` can read just a slice of one (a rank's shard).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
+from zili.fsio import atomic_dir
 from zili.interop.hf import args_from_config, hf_name, read_config, zili_name
 from zili.models.transformer import Transformer, rope_table
-from zili.train import checkpoint
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -48,8 +50,13 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
 
 
 class HFWeights:
-    """The tensors of a Hugging Face checkpoint by zili parameter name, read one at a time:
-    `weights(name, shape)` -> fp32 tensor (UserError if missing or of another shape)."""
+    """The tensors of a Hugging Face checkpoint by zili parameter name, read one region of one tensor at a
+    time: `weights(name, shape, offsets=None, sizes=None)` -> fp32 tensor of shape `sizes` holding
+    full[offsets[d] : offsets[d] + sizes[d]] (the whole tensor by default), where `shape` is the full
+    shape config.json implies (UserError if the tensor is missing or of another shape). Through safetensors'
+    slices only the region's bytes are copied out of the (memory-mapped) file, so a rank of a sharded
+    model reads its shard and nothing else. `bytes_read` counts the tensor bytes read so far, in the
+    checkpoint's dtype; `source_dtype` is that dtype (None before the first read)."""
 
     def __init__(self, hf_dir: Path, model: Transformer):
         self.hf_dir = Path(hf_dir)
@@ -65,16 +72,23 @@ class HFWeights:
                 pass
             raise UserError(f"unexpected tensor {name!r} in {hf_dir} — the checkpoint does not match its config.json")
         self.source_dtype: torch.dtype | None = None
+        self.bytes_read = 0
 
-    def __call__(self, name: str, shape) -> torch.Tensor:
+    def __call__(self, name: str, shape, offsets=None, sizes=None) -> torch.Tensor:
         key = hf_name(name)
         if key not in self.files:
             raise UserError(f"tensor {key!r} is missing from {self.hf_dir} — the checkpoint is incomplete")
+        shape = tuple(shape)
+        if offsets is None or sizes is None:
+            offsets, sizes = (0,) * len(shape), shape
         with safe_open(str(self.files[key]), framework="pt") as f:
-            tensor = f.get_tensor(key)
-        if tuple(tensor.shape) != tuple(shape):
-            raise UserError(f"tensor {key!r} has shape {tuple(tensor.shape)} but config.json implies "
-                            f"{tuple(shape)} — the weights do not match the config")
+            part = f.get_slice(key)
+            found = tuple(part.get_shape())
+            if found != shape:  # checked from the header, before reading anything
+                raise UserError(f"tensor {key!r} has shape {found} but config.json implies {shape} — the "
+                                "weights do not match the config")
+            tensor = part[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+        self.bytes_read += tensor.numel() * tensor.element_size()
         self.source_dtype = self.source_dtype or tensor.dtype
         return tensor.float()
 
@@ -91,16 +105,13 @@ def load_hf_weights(model: Transformer, hf_dir: Path) -> torch.dtype:
 def copy_tokenizer(hf_dir: Path, out: Path) -> Tokenizer:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
-        raise UserError(f"{hf_dir / 'tokenizer.json'} not found — zili needs the fast tokenizer file next to the weights")
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, tmp / name)
-    tokenizer = Tokenizer.load(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+        raise UserError(f"{hf_dir / 'tokenizer.json'} not found — "
+                        "zili needs the fast tokenizer file next to the weights")
+    with atomic_dir(out) as tmp:
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / name)
+        tokenizer = Tokenizer.load(tmp)  # a tokenizer that does not load is never committed
     return tokenizer
 
 

@@ -1,4 +1,12 @@
-"""ModelArgs: the one description of a decoder architecture (Llama 3 and Qwen2 families).
+"""ModelArgs: the one description of a decoder architecture, shared by the trainer, the FLOPs accountant
+and the planner.
+
+The trainer builds the Llama 3 / Qwen2 block (SwiGLU MLP, no dropout, no experts). The planner also describes
+architectures the trainer does not build yet, through the same type: `mlp = "gelu"` (the GPT block: h -> ffn ->
+h through GELU), `dropout = True` (dropout masks stored, as the GPT-3-era Megatron-LM runs did) and
+mixture-of-experts layers (`n_routed_experts > 0`: `top_k` of them plus `n_shared_experts` per token, each an
+MLP of width `moe_ffn_dim`; the first `n_dense_layers` blocks keep a dense MLP). `buildable_problem()` says
+what the trainer cannot build.
 
 All sizes are counts (layers, heads, features, tokens); nothing here allocates memory.
 """
@@ -29,12 +37,23 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    mlp: str = "swiglu"  # "swiglu" (zili's block) or "gelu" (the GPT block; planner only)
+    dropout: bool = False  # dropout masks stored in training (planner only)
+    n_routed_experts: int = 0  # mixture of experts (planner only): 0 = a dense model
+    n_shared_experts: int = 0
+    top_k: int = 0
+    moe_ffn_dim: int = 0
+    n_dense_layers: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def validate(self) -> "ModelArgs":
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def validate(self) -> ModelArgs:
         """Raise UserError if the shapes cannot form a model; return self."""
         for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
             if getattr(self, key) <= 0:
@@ -42,7 +61,8 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise UserError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise UserError(f"head size dim/n_heads = {self.head_dim} must be even for RoPE — change model.dim or model.n_heads")
+            raise UserError(f"head size dim/n_heads = {self.head_dim} must be even for RoPE — "
+                            "change model.dim or model.n_heads")
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads}) — "
@@ -50,7 +70,27 @@ class ModelArgs:
             )
         if self.rope_scaling not in ("none", "llama3"):
             raise UserError(f"rope_scaling {self.rope_scaling!r} is not supported — use 'none' or 'llama3'")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise UserError(f"mlp must be \"swiglu\" or \"gelu\", got {self.mlp!r}")
+        for key in ("n_routed_experts", "n_shared_experts", "top_k", "moe_ffn_dim", "n_dense_layers"):
+            if getattr(self, key) < 0:
+                raise UserError(f"model.{key} must be zero or more, got {getattr(self, key)}")
+        if self.is_moe:
+            if not (0 < self.top_k <= self.n_routed_experts and self.moe_ffn_dim > 0):
+                raise UserError("a mixture-of-experts model needs 0 < top_k <= n_routed_experts and moe_ffn_dim > 0")
+            if self.n_dense_layers >= self.n_layers:
+                raise UserError(f"n_dense_layers ({self.n_dense_layers}) leaves no expert layers — lower it")
         return self
+
+    def buildable_problem(self) -> str | None:
+        """Why zili's Transformer cannot build this architecture yet (None if it can)."""
+        if self.mlp != "swiglu":
+            return f"zili's model has SwiGLU MLPs, not {self.mlp!r} (that architecture is for `zili plan` only)"
+        if self.is_moe:
+            return "zili's model has no mixture-of-experts layers yet (n_routed_experts > 0 is for `zili plan` only)"
+        if self.dropout:
+            return "zili's model has no dropout (dropout = true is for `zili plan` only)"
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)

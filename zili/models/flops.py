@@ -1,8 +1,8 @@
 """The ONE parameter and FLOPs accountant, used by MFU logging, `zili bench` and `zili plan`.
 
-It reads an architecture by attribute: zili's `ModelArgs`, or the planner's `Arch`, which adds fields the
-trainer does not build (a GELU MLP, mixture-of-experts layers). Missing attributes take zili's values:
-`mlp="swiglu"`, no experts.
+It reads one architecture type, `zili.models.args.ModelArgs`, for the trainer and the planner alike: the planner
+also counts what the trainer does not build yet (a GELU MLP, mixture-of-experts layers). Counts are numbers of
+weights; FLOPs are per token.
 
 Model FLOPs per token (training, forward + backward), following the PaLM appendix B convention:
 
@@ -21,32 +21,30 @@ planner adds it as hardware FLOPs from the forward terms below.
 
 from __future__ import annotations
 
-
-def _moe(args) -> bool:
-    return getattr(args, "n_routed_experts", 0) > 0
+from zili.models.args import ModelArgs
 
 
-def moe_layers(args) -> int:
+def moe_layers(args: ModelArgs) -> int:
     """How many blocks have a mixture-of-experts MLP (the first `n_dense_layers` stay dense)."""
-    return args.n_layers - getattr(args, "n_dense_layers", 0) if _moe(args) else 0
+    return args.n_layers - args.n_dense_layers if args.is_moe else 0
 
 
-def attention_params(args, bias: bool = True) -> int:
+def attention_params(args: ModelArgs, bias: bool = True) -> int:
     """q/k/v/o projection weights (+ the q/k/v bias if the model has one and `bias`) of one block."""
     hd = args.dim // args.n_heads
     q_out, kv_out = args.n_heads * hd, args.n_kv_heads * hd
     params = args.dim * q_out + 2 * args.dim * kv_out + q_out * args.dim
-    if bias and getattr(args, "qkv_bias", False):
+    if bias and args.qkv_bias:
         params += q_out + 2 * kv_out
     return params
 
 
-def _ffn_params(args, width: int) -> int:
+def _ffn_params(args: ModelArgs, width: int) -> int:
     """One MLP of hidden width `width`: 3 matrices for SwiGLU, 2 for GELU."""
-    return (3 if getattr(args, "mlp", "swiglu") == "swiglu" else 2) * args.dim * width
+    return (3 if args.mlp == "swiglu" else 2) * args.dim * width
 
 
-def mlp_params(args, moe: bool) -> int:
+def mlp_params(args: ModelArgs, moe: bool) -> int:
     """MLP weights of one block: dense, or (moe=True) router + shared + all routed experts."""
     if not moe:
         return _ffn_params(args, args.ffn_dim)
@@ -54,19 +52,19 @@ def mlp_params(args, moe: bool) -> int:
     return args.dim * args.n_routed_experts + (args.n_shared_experts + args.n_routed_experts) * expert
 
 
-def routed_expert_params(args) -> int:
+def routed_expert_params(args: ModelArgs) -> int:
     """Routed-expert weights of one MoE block (the part expert parallelism splits)."""
     return args.n_routed_experts * _ffn_params(args, args.moe_ffn_dim)
 
 
-def mlp_active_params(args, moe: bool) -> int:
+def mlp_active_params(args: ModelArgs, moe: bool) -> int:
     """MLP weights one token multiplies with in one block."""
     if not moe:
         return _ffn_params(args, args.ffn_dim)
     return args.dim * args.n_routed_experts + (args.n_shared_experts + args.top_k) * _ffn_params(args, args.moe_ffn_dim)
 
 
-def param_counts(args) -> dict[str, int]:
+def param_counts(args: ModelArgs) -> dict[str, int]:
     """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), total."""
     n_moe = moe_layers(args)
     mlp = (args.n_layers - n_moe) * mlp_params(args, False) + (n_moe * mlp_params(args, True) if n_moe else 0)
@@ -82,26 +80,27 @@ def param_counts(args) -> dict[str, int]:
     return counts
 
 
-def layer_forward_flops(args, seq_len: int, moe: bool = False) -> dict[str, float]:
+def layer_forward_flops(args: ModelArgs, seq_len: int, moe: bool = False) -> dict[str, float]:
     """Forward FLOPs per token of one block: `matmul` (projections and MLP) and `attention` (QK^T and AV)."""
     hd = args.dim // args.n_heads
     matmul = 2 * (attention_params(args, bias=False) + mlp_active_params(args, moe))
     return {"matmul": float(matmul), "attention": 4.0 * seq_len * args.n_heads * hd}
 
 
-def head_forward_flops(args) -> float:
+def head_forward_flops(args: ModelArgs) -> float:
     """Forward FLOPs per token of the output head (logits)."""
     return 2.0 * args.vocab_size * args.dim
 
 
-def matmul_params(args) -> int:
+def matmul_params(args: ModelArgs) -> int:
     """Weights used in a matmul per token: block projections plus the output head (tied or not)."""
     n_moe = moe_layers(args)
-    mlp = (args.n_layers - n_moe) * mlp_active_params(args, False) + (n_moe * mlp_active_params(args, True) if n_moe else 0)
+    mlp = (args.n_layers - n_moe) * mlp_active_params(args, False) + (
+        n_moe * mlp_active_params(args, True) if n_moe else 0)
     return attention_params(args, bias=False) * args.n_layers + mlp + args.vocab_size * args.dim
 
 
-def flops_per_token(args, seq_len: int) -> float:
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training model FLOPs per token (forward + backward) at sequence length `seq_len`."""
     attention = 12 * args.n_layers * args.n_heads * (args.dim // args.n_heads) * seq_len
     return 6.0 * matmul_params(args) + attention

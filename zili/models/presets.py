@@ -56,7 +56,8 @@ def resolve(model_cfg, tokenizer_vocab: int | None = None) -> ModelArgs:
     args = replace(get_preset(model_cfg.preset), **overrides)
     if args.vocab_size == 0:
         if tokenizer_vocab is None:
-            raise UserError(f"preset {model_cfg.preset!r} takes its vocabulary from the tokenizer — set model.vocab_size")
+            raise UserError(f"preset {model_cfg.preset!r} takes its vocabulary from the tokenizer — "
+                            "set model.vocab_size")
         args.vocab_size = -(-tokenizer_vocab // 64) * 64
     if tokenizer_vocab is not None and tokenizer_vocab > args.vocab_size:
         raise UserError(

@@ -22,19 +22,20 @@ weights.
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zili import kernels
+from zili.models import init
 from zili.models.args import ModelArgs
 
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) in radians per position, with Llama 3 scaling if asked."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
+    inv_freq = 1.0 / (args.rope_theta
+                      ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
     if args.rope_scaling == "llama3":
         low_wavelen = args.rope_original_max_len / args.rope_low_freq_factor
         high_wavelen = args.rope_original_max_len / args.rope_high_freq_factor
@@ -153,6 +154,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        if why := args.buildable_problem():
+            raise ValueError(why)
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         # A dict keyed "0".."n-1" keeps parameter names stable when a pipeline stage drops blocks.
@@ -175,22 +178,18 @@ class Transformer(nn.Module):
             return self.lm_head(h)
         return F.linear(h, self.embed.weight)
 
-    def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
-        """The initial value of parameter `name` (fp32, on the CPU): ones for norms, zeros for biases, normal
-        with std 0.02 otherwise (output projections 0.02 / sqrt(2 n_layers)), drawn from a generator seeded
-        with (seed, name) — so it does not depend on which other parameters exist or how they are sharded."""
-        if name.endswith("norm.weight"):
-            return torch.ones(shape)
-        if name.endswith(".bias"):
-            return torch.zeros(shape)
-        std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        return torch.empty(shape).normal_(0.0, std, generator=gen)
+    def initial_value(self, name: str, shape, seed: int, offsets=None, sizes=None, device=None) -> torch.Tensor:
+        """The initial value of the region `offsets`/`sizes` (default: all) of parameter `name` (canonical) of
+        full `shape`: fp32, on `device` (default CPU). Ones for norms, zeros for biases, near-normal with std
+        0.02 otherwise (output projections 0.02 / sqrt(2 n_layers)), each element a function of (seed, name,
+        its index) only — so it does not depend on which other parameters exist or how they are sharded
+        (see zili.models.init)."""
+        return init.initial_value(name, shape, seed, self.args.n_layers, offsets, sizes, device)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Set every parameter to its `initial_value` and recompute the RoPE table, e.g. after `to_empty`.
-        (Sharded parameters are initialised by `zili.parallel.apply.init_weights` instead.)"""
+        (Sharded parameters are initialised shard by shard by `zili.parallel.init.init_weights` instead.)"""
         self.rope.copy_(rope_table(self.args, device=self.rope.device))
         for name, p in self.named_parameters():
-            p.copy_(self.initial_value(canonical_name(name), p.shape, seed))
+            p.copy_(self.initial_value(canonical_name(name), p.shape, seed, device=p.device))

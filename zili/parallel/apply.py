@@ -2,12 +2,12 @@
 tensor (+ sequence) parallelism, activation checkpointing, torch.compile, FSDP2 — then materialise the
 weights.
 
-Contract: `parallelize(model, cfg, dims, mesh, device, seed)` takes a Transformer built on the meta device
+Contract: `parallelize(model, cfg, layout, mesh, device, seed)` takes a Transformer built on the meta device
 and returns a `ParallelModel`: this rank's model part(s) with real weights, and the pipeline schedule when
 pp > 1. Every parameter keeps its fully-qualified name (`blocks.3.attn.q_proj.weight` in any layout), so
 checkpoints written under one layout load under any other, and Hugging Face adapters see the same keys.
-The initial weights are the same in every layout: each parameter's full initial value is computed from
-(seed, name) and this rank keeps its shard of it.
+The initial weights are the same in every layout, and each rank computes (or reads) only its own shard of
+them: see `zili.parallel.init`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from zili.config import Config
-from zili.models.transformer import canonical_name, rope_table
-from zili.parallel.mesh import ParallelDims, pipeline_microbatches, stages_per_rank
+from zili.parallel.compile import compile_model
+from zili.parallel.fsdp import apply_fsdp
+from zili.parallel.init import init_weights
+from zili.parallel.layout import Layout
+from zili.parallel.mesh import pipeline_microbatches
+from zili.parallel.pipeline import build_schedule, stage_ids, stage_module
+from zili.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def apply_activation_checkpointing(model) -> None:
@@ -32,29 +37,12 @@ def apply_activation_checkpointing(model) -> None:
         model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-@torch.no_grad()
-def init_weights(model, seed: int, initial_value=None) -> None:
-    """Give every parameter of `model` (plain or DTensor-sharded) this rank's part of its initial value:
-    `initial_value(name, shape)` (full tensor) if given, else the model's own random init from `seed`."""
-    model.rope.copy_(rope_table(model.args, device=model.rope.device))
-    for name, p in model.named_parameters():
-        if initial_value is not None:
-            full = initial_value(canonical_name(name), p.shape)
-        else:
-            full = model.initial_value(canonical_name(name), p.shape, seed)
-        if isinstance(p, DTensor):
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
-        else:
-            p.copy_(full)
-
-
 @dataclass
 class ParallelModel:
     """This rank's share of the model. `parts` has one module, or one per pipeline stage on this rank."""
 
     parts: list[nn.Module]
-    dims: ParallelDims = field(default_factory=ParallelDims)
+    layout: Layout = field(default_factory=Layout)
     mesh: object = None
     schedule: object = None
     has_first_stage: bool = True
@@ -62,15 +50,11 @@ class ParallelModel:
 
     @property
     def pp_group(self):
-        return self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        return self.mesh["pp"].get_group() if self.layout.pp > 1 else None
 
     def loss_context(self):
         """Cross-entropy over vocabulary-sharded logits when tensor parallel (wrap forward and backward)."""
-        if self.dims.tp > 1:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
+        return loss_parallel() if self.layout.tp > 1 else contextlib.nullcontext()
 
     def parameters(self):
         for part in self.parts:
@@ -81,57 +65,51 @@ class ParallelModel:
             part.train(mode)
 
 
-def _dp_mesh(dims: ParallelDims, mesh):
-    if dims.dp_replicate > 1:
+def _dp_mesh(layout: Layout, mesh):
+    if layout.dp_replicate > 1:
         return mesh["dp_replicate", "dp_shard"]
     return mesh["dp_shard"]
 
 
-def transform(model, cfg: Config, dims: ParallelDims, mesh, compute_dtype: torch.dtype) -> None:
-    """TP, activation checkpointing, compile and FSDP on one model (part), in place, on the meta device."""
-    t, par = cfg.training, cfg.parallelism
-    if dims.tp > 1:
-        from zili.parallel.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, mesh["tp"], par.sequence_parallel)
-    if t.activation_checkpointing:
+def transform(model, cfg: Config, layout: Layout, mesh, compute_dtype: torch.dtype, device_type: str = "cpu") -> None:
+    """TP, activation checkpointing, compile and FSDP on one model (part), in place, on the meta device;
+    `device_type` is where it will train (compile picks its CPU tricks from it)."""
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], layout.sequence_parallel)
+    if layout.recompute == "full":
         apply_activation_checkpointing(model)
-    if t.compile:
-        from zili.parallel.compile import compile_model
-
-        compile_model(model)
-    if dims.fsdp:
-        from zili.parallel.fsdp import apply_fsdp
-
-        apply_fsdp(model, _dp_mesh(dims, mesh), compute_dtype, par.fsdp_cpu_offload, reshard_after_forward=dims.pp == 1)
+    if cfg.training.compile:
+        compile_model(model, device_type)
+    if layout.fsdp:
+        apply_fsdp(model, _dp_mesh(layout, mesh), compute_dtype, cfg.parallelism.fsdp_cpu_offload,
+                   reshard_after_forward=layout.pp == 1)
 
 
-def parallelize(model, cfg: Config, dims: ParallelDims | None = None, mesh=None, device=torch.device("cpu"),
-                seed: int = 0, compute_dtype: torch.dtype = torch.float32, initial_value=None) -> ParallelModel:
+def parallelize(model, cfg: Config, layout: Layout | None = None, mesh=None,
+                device=torch.device("cpu"),  # noqa: B008 (an immutable constant, safe as a default)
+                seed: int = 0, compute_dtype: torch.dtype = torch.float32, initial_value=None,
+                loss_fn=None) -> ParallelModel:
     """Split, shard and materialise `model` (built on the meta device) for this rank; see the module doc.
-    `initial_value(name, shape)`, if given, supplies the starting weights (e.g. from Hugging Face)."""
-    dims = dims or ParallelDims()
-    par = cfg.parallelism
-    init_device = torch.device("cpu") if par.fsdp_cpu_offload and dims.fsdp else device
-    if dims.pp == 1:
-        transform(model, cfg, dims, mesh, compute_dtype)
+    `initial_value(name, full_shape, offsets, sizes)`, if given, supplies the starting weights region by region
+    (e.g. from Hugging Face; see `zili.parallel.init`);
+    `loss_fn(logits, targets)` is the pipeline schedule's loss (needed when pp > 1)."""
+    layout = layout or Layout()
+    init_device = torch.device("cpu") if cfg.parallelism.fsdp_cpu_offload and layout.fsdp else device
+    if layout.pp == 1:
+        transform(model, cfg, layout, mesh, compute_dtype, device.type)
         model.to_empty(device=init_device)
         init_weights(model, seed, initial_value)
-        return ParallelModel([model], dims, mesh)
+        return ParallelModel([model], layout, mesh)
 
-    from zili.parallel.pipeline import build_schedule, stage_ids, stage_module
-    from zili.train.step import lm_loss
-
-    per_rank = stages_per_rank(par)
-    n_stages = dims.pp * per_rank
-    ids = stage_ids(mesh.get_local_rank("pp"), dims.pp, per_rank)
+    n_stages = layout.pp * layout.vpp
+    ids = stage_ids(mesh.get_local_rank("pp"), layout.pp, layout.vpp)
     parts = []
     for stage in ids:
         part = stage_module(model, stage, n_stages)
-        transform(part, cfg, dims, mesh, compute_dtype)
+        transform(part, cfg, layout, mesh, compute_dtype, device.type)
         part.to_empty(device=init_device)
         init_weights(part, seed, initial_value)
         parts.append(part)
-    schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), par.pp_schedule,
-                              pipeline_microbatches(par), lm_loss)
-    return ParallelModel(parts, dims, mesh, schedule, has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids)
+    schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), cfg.parallelism.pp_schedule,
+                              pipeline_microbatches(cfg.parallelism), loss_fn)
+    return ParallelModel(parts, layout, mesh, schedule, has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids)

@@ -45,7 +45,8 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool) -> None:
         if sp:
             top["norm"] = SequenceParallel()
         if model.lm_head is not None:
-            top["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+            top["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
+                                             use_local_output=False)
     parallelize_module(model, tp_mesh, top)
     if model.norm is not None:
         model.norm.register_forward_hook(_replicated_output(tp_mesh))

@@ -22,25 +22,26 @@ from __future__ import annotations
 
 import math
 
+from zili.models.args import ModelArgs
 from zili.models.flops import flops_per_token, param_counts
-from zili.plan.spec import Arch
 
 TOKENS_PER_PARAM = 20
 START_MFU = 0.4
 
 
-def shape_for(params: float, seq_len: int, vocab_size: int = 128256) -> Arch:
-    """A zili architecture with about `params` parameters (the one closest over layer counts)."""
+def shape_for(params: float, seq_len: int, vocab_size: int = 128256) -> ModelArgs:
+    """A zili architecture with about `params` parameters (the one closest over layer counts), its RoPE table
+    covering `seq_len` tokens."""
     best = None
     for layers in range(2, 200):
         for dim in range(1024, 192 * layers + 1, 1024):
             if dim < 64 * layers:
                 continue
-            arch = Arch(n_layers=layers, dim=dim, n_heads=dim // 128, n_kv_heads=8,
-                        ffn_dim=round(3.5 * dim / 256) * 256, vocab_size=vocab_size, seq_len=seq_len)
-            score = (round(abs(math.log(param_counts(arch)["total"] / params)), 2), abs(math.log(dim / (128 * layers))))
+            args = ModelArgs(n_layers=layers, dim=dim, n_heads=dim // 128, n_kv_heads=8,
+                             ffn_dim=round(3.5 * dim / 256) * 256, vocab_size=vocab_size, max_seq_len=seq_len)
+            score = (round(abs(math.log(param_counts(args)["total"] / params)), 2), abs(math.log(dim / (128 * layers))))
             if best is None or score < best[0]:
-                best = (score, arch)
+                best = (score, args)
     return best[1]
 
 
@@ -51,28 +52,30 @@ def compute_optimal(chip_hours: float, peak_flops: float, mfu: float) -> tuple[f
     return params, TOKENS_PER_PARAM * params
 
 
-def tokens_for(chip_hours: float, peak_flops: float, mfu: float, arch: Arch) -> float:
-    """Tokens that `chip_hours` of chips at `mfu` train `arch` on (model FLOPs, attention included)."""
-    return chip_hours * 3600 * peak_flops * mfu / flops_per_token(arch, arch.seq_len)
+def tokens_for(chip_hours: float, peak_flops: float, mfu: float, args: ModelArgs, seq_len: int) -> float:
+    """Tokens that `chip_hours` of chips at `mfu` train `args` on at `seq_len` (model FLOPs, attention
+    included)."""
+    return chip_hours * 3600 * peak_flops * mfu / flops_per_token(args, seq_len)
 
 
-def propose(chip_hours: float, peak_flops: float, seq_len: int, best_layouts) -> tuple[Arch, float, float]:
-    """(arch, tokens, mfu) for the budget: `best_layouts(arch, tokens)` is the planner's search (a list, best
-    first, empty when no layout fits). If nothing fits, the last shape tried, for the caller to explain."""
+def propose(chip_hours: float, peak_flops: float, seq_len: int, best_layouts) -> tuple[ModelArgs, float, float]:
+    """(args, tokens, mfu) for the budget, `peak_flops` FLOP/s per chip, sequences of `seq_len` tokens:
+    `best_layouts(args, tokens)` is the planner's search (a list, best first, empty when no layout fits). If
+    nothing fits, the last shape tried, for the caller to explain."""
     mfu, tried = START_MFU, []
     for _ in range(6):
         params, tokens = compute_optimal(chip_hours, peak_flops, mfu)
-        arch = shape_for(params, seq_len)
-        layouts = best_layouts(arch, tokens)
+        args = shape_for(params, seq_len)
+        layouts = best_layouts(args, tokens)
         if not layouts:
             break
         got = layouts[0]["mfu"]
-        miss = abs(math.log(param_counts(arch)["total"] / compute_optimal(chip_hours, peak_flops, got)[0]))
-        tried.append(((round(miss, 2), -got), arch, got))
+        miss = abs(math.log(param_counts(args)["total"] / compute_optimal(chip_hours, peak_flops, got)[0]))
+        tried.append(((round(miss, 2), -got), args, got))
         if abs(got - mfu) < 0.005:
             break
         mfu = got
     if not tried:
-        return arch, tokens, mfu
-    _, arch, mfu = min(tried, key=lambda entry: entry[0])
-    return arch, tokens_for(chip_hours, peak_flops, mfu, arch), mfu
+        return args, tokens, mfu
+    _, args, mfu = min(tried, key=lambda entry: entry[0])
+    return args, tokens_for(chip_hours, peak_flops, mfu, args, seq_len), mfu

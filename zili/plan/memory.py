@@ -27,49 +27,51 @@ when interleaved (v > 1): Korthikanti's formula. The last stage also holds one m
 from __future__ import annotations
 
 from zili.models import flops
+from zili.models.args import ModelArgs
+from zili.parallel.layout import Layout
 
 BYTES = 2  # activations and gathered weights, bytes per value (bf16 / fp16; fp8 runs keep 2-byte copies)
 
 
-def layers_on(arch, layout, stage: str) -> int:
+def layers_on(args: ModelArgs, layout: Layout, stage: str) -> int:
     """Blocks on the first or last pipeline stage's device (earlier stages take the remainder)."""
     chunks = layout.pp * layout.vpp
-    per_chunk = -(-arch.n_layers // chunks) if stage == "first" else arch.n_layers // chunks
+    per_chunk = -(-args.n_layers // chunks) if stage == "first" else args.n_layers // chunks
     return per_chunk * layout.vpp
 
 
-def stage_params(arch, layout, stage: str) -> dict[str, float]:
+def stage_params(args: ModelArgs, layout: Layout, stage: str) -> dict[str, float]:
     """Parameters on one device of the `stage` ("first" | "last"), split by tp/ep, before ZeRO sharding:
     `dense` (sharded over tp) and `expert` (routed experts, over ep x tp)."""
-    layers = layers_on(arch, layout, stage)
-    first_moe = arch.n_dense_layers if arch.is_moe else arch.n_layers
+    layers = layers_on(args, layout, stage)
+    first_moe = args.n_dense_layers if args.is_moe else args.n_layers
     # MoE layers on this stage: the first stage meets the dense layers first, the last stage none
-    n_moe = max(0, layers - first_moe) if stage == "first" else (min(layers, flops.moe_layers(arch)))
+    n_moe = max(0, layers - first_moe) if stage == "first" else (min(layers, flops.moe_layers(args)))
     n_dense_mlp = layers - n_moe
-    dense = layers * (flops.attention_params(arch) + 2 * arch.dim) + n_dense_mlp * flops.mlp_params(arch, False)
+    dense = layers * (flops.attention_params(args) + 2 * args.dim) + n_dense_mlp * flops.mlp_params(args, False)
     expert = 0.0
     if n_moe:
-        routed = flops.routed_expert_params(arch)
-        dense += n_moe * (flops.mlp_params(arch, True) - routed)
+        routed = flops.routed_expert_params(args)
+        dense += n_moe * (flops.mlp_params(args, True) - routed)
         expert = n_moe * routed / (layout.ep * layout.tp)
-    emb = arch.vocab_size * arch.dim
+    emb = args.vocab_size * args.dim
     if stage == "first" or layout.pp == 1:
         dense += emb
-    if (stage == "last" or layout.pp == 1) and (not arch.tied_embeddings or layout.pp > 1):
-        dense += emb + arch.dim
+    if (stage == "last" or layout.pp == 1) and (not args.tied_embeddings or layout.pp > 1):
+        dense += emb + args.dim
     return {"dense": dense / layout.tp, "expert": expert}
 
 
-def weight_bytes(arch, layout, stage: str) -> dict[str, float]:
+def weight_bytes(args: ModelArgs, layout: Layout, stage: str) -> dict[str, float]:
     """params / grads / optimizer / buffers bytes on one device of `stage`, per the ZeRO rules above."""
-    p = stage_params(arch, layout, stage)
+    p = stage_params(args, layout, stage)
     z = layout.shard_group
     z_expert = max(1, z // layout.ep)
     n = p["dense"] + p["expert"]
     sharded = p["dense"] / z + p["expert"] / z_expert  # parameters this device owns under ZeRO
     if layout.zero == 3:
         params, grads = 4 * sharded, 4 * sharded
-        layers = layers_on(arch, layout, stage)
+        layers = layers_on(args, layout, stage)
         gathered = n if layout.pp > 1 else n * min(layers, 2) / max(layers, 1)
         buffers = BYTES * gathered
     else:
@@ -77,57 +79,59 @@ def weight_bytes(arch, layout, stage: str) -> dict[str, float]:
     return {"params": params, "grads": grads, "optimizer": 8 * sharded, "buffers": buffers}
 
 
-def layer_activation_parts(arch, layout, moe: bool = False) -> tuple[float, float]:
-    """Activations of one layer for one micro-batch on one device without recomputation (bytes):
-    (everything but the attention scores, the attention scores), per the formulas above."""
-    s, b, h, t = arch.seq_len / layout.cp, layout.microbatch, arch.dim, layout.tp
+def layer_activation_parts(args: ModelArgs, layout: Layout, seq_len: int,
+                           moe: bool = False) -> tuple[float, float]:
+    """Activations of one layer for one micro-batch of `seq_len`-token sequences on one device without
+    recomputation (bytes): (everything but the attention scores, the attention scores), per the formulas above."""
+    s, b, h, t = seq_len / layout.cp, layout.microbatch, args.dim, layout.tp
     div = t if layout.sequence_parallel else 1
-    replicated = (10 if arch.dropout else 8) * s * b * h
+    replicated = (10 if args.dropout else 8) * s * b * h
     scores = 0.0
     if layout.attention == "materialized":
-        scores = (5 if arch.dropout else 2) * arch.n_heads * s * s * b / t
-    if arch.mlp == "gelu":
-        return replicated / div + (8 * s * b * h + 4 * s * b * arch.ffn_dim) / t, scores
-    q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
-    width = arch.ffn_dim if not moe else arch.moe_ffn_dim * (arch.top_k + arch.n_shared_experts)
+        scores = (5 if args.dropout else 2) * args.n_heads * s * s * b / t
+    if args.mlp == "gelu":
+        return replicated / div + (8 * s * b * h + 4 * s * b * args.ffn_dim) / t, scores
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    width = args.ffn_dim if not moe else args.moe_ffn_dim * (args.top_k + args.n_shared_experts)
     split = 2 * s * b * (q + 2 * kv) + 2 * s * b * h + 8 * s * b * width
     return replicated / div + split / t, scores
 
 
-def layer_activation_bytes(arch, layout, moe: bool = False) -> float:
+def layer_activation_bytes(args: ModelArgs, layout: Layout, seq_len: int, moe: bool = False) -> float:
     """Activations one layer keeps for one micro-batch on one device (bytes), with the layout's recomputation."""
     if layout.recompute == "full":
-        return 2 * arch.seq_len / layout.cp * layout.microbatch * arch.dim / (
+        return 2 * seq_len / layout.cp * layout.microbatch * args.dim / (
             layout.tp if layout.sequence_parallel else 1)
-    rest, scores = layer_activation_parts(arch, layout, moe)
+    rest, scores = layer_activation_parts(args, layout, seq_len, moe)
     return rest + (0.0 if layout.recompute == "selective" else scores)
 
 
-def activation_bytes(arch, layout, global_batch: int, stage: str = "first") -> float:
-    """Activations held at the peak by one device of `stage` (bytes)."""
+def activation_bytes(args: ModelArgs, layout: Layout, seq_len: int, global_batch: int, stage: str = "first") -> float:
+    """Activations held at the peak by one device of `stage` (bytes), `global_batch` sequences of `seq_len`
+    tokens per step."""
     p, v = layout.pp, layout.vpp
     m = layout.microbatches(global_batch)
-    layers = layers_on(arch, layout, stage)
+    layers = layers_on(args, layout, stage)
     in_flight = 1 if p == 1 else (min(m, p) if stage == "first" else 1)
     factor = 1 + (p - 1) / (p * v) if (v > 1 and stage == "first") else 1.0
-    n_moe = flops.moe_layers(arch)
-    moe_share = n_moe / arch.n_layers
-    per_layer = (1 - moe_share) * layer_activation_bytes(arch, layout) + (
-        moe_share * layer_activation_bytes(arch, layout, moe=True) if n_moe else 0)
+    n_moe = flops.moe_layers(args)
+    moe_share = n_moe / args.n_layers
+    per_layer = (1 - moe_share) * layer_activation_bytes(args, layout, seq_len) + (
+        moe_share * layer_activation_bytes(args, layout, seq_len, moe=True) if n_moe else 0)
     total = per_layer * layers * in_flight * factor
     if stage == "last" or p == 1:
-        tokens = arch.seq_len / layout.cp * layout.microbatch
-        total += 6 * tokens * arch.vocab_size / layout.tp
+        tokens = seq_len / layout.cp * layout.microbatch
+        total += 6 * tokens * args.vocab_size / layout.tp
     return total
 
 
-def memory(arch, layout, global_batch: int) -> dict:
+def memory(args: ModelArgs, layout: Layout, seq_len: int, global_batch: int) -> dict:
     """The per-device breakdown (bytes) of the stage that needs the most: params, grads, optimizer, buffers,
-    activations, total, and which `stage` that is."""
+    activations, total, and which `stage` that is; `global_batch` sequences of `seq_len` tokens per step."""
     best = None
     for stage in (("first",) if layout.pp == 1 else ("first", "last")):
-        parts = weight_bytes(arch, layout, stage)
-        parts["activations"] = activation_bytes(arch, layout, global_batch, stage)
+        parts = weight_bytes(args, layout, stage)
+        parts["activations"] = activation_bytes(args, layout, seq_len, global_batch, stage)
         parts["total"] = sum(parts.values())
         parts["stage"] = stage
         if best is None or parts["total"] > best["total"]:

@@ -1,35 +1,55 @@
 """`zili plan`: put the inputs together, search, optionally verify on the real model code, return the plan.
 
-`make_plan(...)` returns a dict (see zili.plan.report): model, cluster, tokens, layouts (best first),
-infeasible (reason -> count), evaluated, assumptions, and `advice` in budget mode. It raises UserError
-when no layout can run (with the reason when a single layout was asked for).
+`make_plan(PlanRequest(...))` returns a dict (see zili.plan.report): model, cluster, tokens, layouts (best
+first; each one's `time` a `zili.plan.cost.StepTime`), infeasible (reason -> count), evaluated, assumptions, and
+`advice` in budget mode. It raises UserError when no layout can run (with the reason when a single layout was
+asked for).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import dataclass, field, fields, replace
 
 from zili.errors import UserError
+from zili.models.args import ModelArgs
 from zili.models.flops import moe_layers, param_counts, routed_expert_params
+from zili.parallel.layout import Layout, trainer_problem
 from zili.plan import budget, cost, memory
-from zili.plan.layout import LAYOUT_KEYS, Layout
-from zili.plan.search import search
-from zili.plan.spec import DEFAULT_SEQ_LEN, Arch, Cluster
+from zili.plan.search import USABLE_HBM, search
+from zili.plan.spec import DEFAULT_SEQ_LEN, MODEL_KEYS, Cluster
+
+LAYOUT_KEYS = tuple(f.name for f in fields(Layout))
 
 
-def _model_info(name: str, arch: Arch) -> dict:
-    counts = param_counts(arch)
+@dataclass(frozen=True)
+class PlanRequest:
+    """What `zili plan` is asked: a model (or, with `budget_chip_hours`, a budget to propose one for), the
+    cluster, and the layout values the user fixed."""
+
+    cluster: Cluster
+    model_name: str = ""  # the preset or model file, for the report ("" in budget mode)
+    args: ModelArgs | None = None  # None in budget mode
+    seq_len: int | None = None  # tokens per sequence; required with `args`; budget mode: DEFAULT_SEQ_LEN if None
+    fixed: dict = field(default_factory=dict)  # Layout field -> value; the others are searched
+    global_batch: int | None = None  # sequences per step; None: about 4 M tokens per layout
+    tokens: float | None = None  # training tokens; None: budget.TOKENS_PER_PARAM x parameters
+    top: int = 5  # layouts to return
+    verify: bool = False  # measure the best layout's persistent bytes on the real model
+    budget_chip_hours: float | None = None  # propose the compute-optimal model for this budget instead of `args`
+
+
+def _model_info(name: str, args: ModelArgs, seq_len: int) -> dict:
+    counts = param_counts(args)
     idle = 0
-    if arch.is_moe:  # routed experts a token does not visit
-        per_expert = routed_expert_params(arch) // arch.n_routed_experts
-        idle = moe_layers(arch) * (arch.n_routed_experts - arch.top_k) * per_expert
+    if args.is_moe:  # routed experts a token does not visit
+        per_expert = routed_expert_params(args) // args.n_routed_experts
+        idle = moe_layers(args) * (args.n_routed_experts - args.top_k) * per_expert
     active = counts["total"] - idle
-    return {"name": name, **asdict(arch), "params": counts["total"], "active_params": active}
+    keys = {k: seq_len if k == "seq_len" else getattr(args, k) for k in MODEL_KEYS}
+    return {"name": name, **keys, "params": counts["total"], "active_params": active}
 
 
 def _assumptions(cluster: Cluster) -> dict:
-    from zili.plan.search import USABLE_HBM
-
     given = "matmul_efficiency" in cluster.row
     return {"matmul_efficiency": cost.matmul_efficiency(cluster),
             "calibration": "the chip row's matmul_efficiency" if given else "uncalibrated default for this chip",
@@ -37,22 +57,19 @@ def _assumptions(cluster: Cluster) -> dict:
             "traffic_per_activation_byte": cost.TRAFFIC_PER_ACTIVATION_BYTE}
 
 
-def _verify(arch: Arch, model_args, result: dict) -> dict:
+def _verify(args: ModelArgs, result: dict) -> dict:
     """Measure rank 0's persistent bytes on the real model (fake process group) next to the analytic ones."""
-    if arch.mlp != "swiglu" or arch.is_moe:
-        raise UserError("--verify builds zili's own model, which has SwiGLU MLPs and no experts — drop --verify "
-                        "for GELU or mixture-of-experts models")
-    layout = Layout(**{k: result[k] for k in LAYOUT_KEYS})
-    if layout.cp > 1 or layout.ep > 1 or (layout.zero != 3 and layout.shard_group > 1):
-        raise UserError("--verify builds zili's layouts: FSDP2 (zero 3), tp, pp, dp — set --cp 1 --ep 1 --zero 3")
-    from zili.parallel.mesh import ParallelDims
+    # torch.distributed and the model code take over a second to import: only --verify pays for them
     from zili.plan.verify import measure_rank_bytes
 
-    dims = ParallelDims(pp=layout.pp, dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp)
-    measured = measure_rank_bytes(model_args, dims, stages_per_rank=layout.vpp,
-                                  sequence_parallel=layout.sequence_parallel,
-                                  activation_checkpointing=layout.recompute != "none")
-    analytic = memory.weight_bytes(arch, layout, "first")
+    layout = Layout(**{k: result[k] for k in LAYOUT_KEYS})
+    # persistent bytes do not depend on what is recomputed, and zili's trainer recomputes whole blocks
+    built = replace(layout, recompute="none" if layout.recompute == "none" else "full")
+    why = trainer_problem(built, args)
+    if why:
+        raise UserError(f"--verify builds the layout with zili's own model and trainer, which cannot run it: {why}")
+    measured = measure_rank_bytes(args, built)
+    analytic = memory.weight_bytes(args, layout, "first")
     return {"rank": 0, "world_size": measured["world_size"], "stage_ids": measured["stage_ids"],
             "measured_bytes": measured["params"] + measured["grads"] + measured["optimizer"],
             "analytic_bytes": analytic["params"] + analytic["grads"] + analytic["optimizer"],
@@ -60,27 +77,35 @@ def _verify(arch: Arch, model_args, result: dict) -> dict:
             "analytic": {k: analytic[k] for k in ("params", "grads", "optimizer")}}
 
 
-def make_plan(model_name: str, arch: Arch | None, cluster: Cluster, fixed: dict, global_batch: int | None,
-              tokens: float | None, top: int = 5, verify: bool = False, model_args=None,
-              budget_chip_hours: float | None = None, seq_len: int | None = None) -> dict:
-    """The plan for `arch` on `cluster`, or with `budget_chip_hours` (and arch None) for the compute-optimal
-    model at `seq_len` tokens per sequence."""
-    advice = None
-    if budget_chip_hours:
-        peak = cluster.peak_flops(fixed.get("dtype") or ("bf16" if cluster.row.get("bf16_tflops") else "fp16"))
-        arch, tokens, mfu = budget.propose(
-            budget_chip_hours, peak, seq_len or DEFAULT_SEQ_LEN,
-            lambda a, t: search(a, cluster, fixed, global_batch, t, 1)["layouts"])
-        model_name = f"compute-optimal-{param_counts(arch)['total'] / 1e9:.3g}b"
-        model_args = None
-        advice = (f"compute-optimal for {budget_chip_hours:.3g} chip-hours (Chinchilla: N = sqrt(C / 120), D about "
-                  f"20 N, the tokens spending the budget) at "
-                  f"MFU {mfu:.1%}: {param_counts(arch)['total'] / 1e9:.3g} B parameters (n_layers {arch.n_layers}, "
-                  f"dim {arch.dim}, n_heads {arch.n_heads}, n_kv_heads {arch.n_kv_heads}, ffn_dim {arch.ffn_dim}) "
-                  f"on {tokens / 1e9:.3g} B tokens")
+def _propose(request: PlanRequest, seq_len: int) -> tuple[ModelArgs, float, str]:
+    """Budget mode: the compute-optimal model, its tokens and the advice line."""
+    cluster, fixed, hours = request.cluster, request.fixed, request.budget_chip_hours
+    peak = cluster.peak_flops(fixed.get("dtype") or ("bf16" if cluster.row.get("bf16_tflops") else "fp16"))
+    args, tokens, mfu = budget.propose(
+        hours, peak, seq_len, lambda a, t: search(a, cluster, fixed, seq_len=seq_len,
+                                                  global_batch=request.global_batch, tokens=t, top=1)["layouts"])
+    size = param_counts(args)["total"] / 1e9
+    advice = (f"compute-optimal for {hours:.3g} chip-hours (Chinchilla: N = sqrt(C / 120), D about "
+              f"20 N, the tokens spending the budget) at MFU {mfu:.1%}: {size:.3g} B parameters (n_layers "
+              f"{args.n_layers}, dim {args.dim}, n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads}, ffn_dim "
+              f"{args.ffn_dim}) on {tokens / 1e9:.3g} B tokens")
+    return args, tokens, advice
+
+
+def make_plan(request: PlanRequest) -> dict:
+    """The plan for `request.args` on `request.cluster`, or in budget mode for the compute-optimal model."""
+    cluster, args, name, tokens, advice = request.cluster, request.args, request.model_name, request.tokens, None
+    seq_len = request.seq_len
+    if request.budget_chip_hours:
+        seq_len = seq_len or DEFAULT_SEQ_LEN
+        args, tokens, advice = _propose(request, seq_len)
+        name = f"compute-optimal-{param_counts(args)['total'] / 1e9:.3g}b"
+    if args is None or seq_len is None:
+        raise ValueError("PlanRequest needs args and seq_len, or budget_chip_hours")
     if tokens is None:
-        tokens = budget.TOKENS_PER_PARAM * param_counts(arch)["total"]
-    found = search(arch, cluster, fixed, global_batch, tokens, top)
+        tokens = budget.TOKENS_PER_PARAM * param_counts(args)["total"]
+    found = search(args, cluster, request.fixed, seq_len=seq_len, global_batch=request.global_batch,
+                   tokens=tokens, top=request.top)
     if not found["layouts"]:
         if found["rejected"] and len(found["infeasible"]) == 1 and found["evaluated"] == 1:
             raise UserError(f"layout {Layout(**{k: found['rejected'][0][k] for k in LAYOUT_KEYS}).describe()} "
@@ -88,7 +113,7 @@ def make_plan(model_name: str, arch: Arch | None, cluster: Cluster, fixed: dict,
         top = max(found["infeasible"].values(), key=lambda e: e["count"])
         raise UserError(f"none of the {found['evaluated']} layouts can run; most often ({top['count']}x): "
                         f"{top['example']}")
-    plan = {"model": _model_info(model_name, arch),
+    plan = {"model": _model_info(name, args, seq_len),
             "cluster": {"chip": cluster.chip, "count": cluster.count, "per_node": cluster.per_node,
                         "peak_tflops": cluster.peak_flops(found["layouts"][0]["dtype"]) / 1e12,
                         "hbm_gb": cluster.row["hbm_gb"]},
@@ -96,13 +121,6 @@ def make_plan(model_name: str, arch: Arch | None, cluster: Cluster, fixed: dict,
     plan.pop("rejected")
     if advice:
         plan["advice"] = advice
-    if verify:
-        if model_args is None:
-            from zili.models.args import ModelArgs
-
-            model_args = ModelArgs(n_layers=arch.n_layers, dim=arch.dim, n_heads=arch.n_heads,
-                                   n_kv_heads=arch.n_kv_heads, ffn_dim=arch.ffn_dim, vocab_size=arch.vocab_size,
-                                   tied_embeddings=arch.tied_embeddings, qkv_bias=arch.qkv_bias,
-                                   max_seq_len=arch.seq_len)
-        plan["layouts"][0]["verify"] = _verify(arch, model_args, plan["layouts"][0])
+    if request.verify:
+        plan["layouts"][0]["verify"] = _verify(args, plan["layouts"][0])
     return plan

@@ -11,20 +11,15 @@ left out, so the planner searches them as it would for a user.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import tomli_w
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
+from zili.accel import load_chips
 
 
-def write_toml_table(table: str, values: dict, path: Path) -> Path:
-    path.write_text(f"[{table}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+def write_toml(data: dict, path: Path) -> Path:
+    path.write_text(tomli_w.dumps(data))
     return path
 
 
@@ -32,11 +27,9 @@ def chip_argument(run: dict, work_dir: Path) -> str:
     """The chip-table row name, or a chip file of that row with the run's `chip_overrides` applied."""
     if "chip_overrides" not in run:
         return run["chip"]
-    from zili.accel import load_chips
-
     row = {k: v for k, v in load_chips()[run["chip"]].items() if isinstance(v, (int, float))}
-    return str(write_toml_table(f"chip.{run['name']}", {**row, **run["chip_overrides"]},
-                                work_dir / f"{run['name']}.chip.toml"))
+    return str(write_toml({"chip": {run["name"]: {**row, **run["chip_overrides"]}}},
+                          work_dir / f"{run['name']}.chip.toml"))
 
 
 def plan_args(run: dict, work_dir: Path, sp_off_unpublished: bool = False) -> list[str]:
@@ -44,7 +37,7 @@ def plan_args(run: dict, work_dir: Path, sp_off_unpublished: bool = False) -> li
     (and a chip file if needed) into `work_dir`. With `sp_off_unpublished`, sequence parallelism is off where
     the source does not give it, instead of the planner's default."""
     lay = run["layout"]
-    model = write_toml_table("model", run["model"], work_dir / f"{run['name']}.toml")
+    model = write_toml({"model": run["model"]}, work_dir / f"{run['name']}.toml")
     dp = (["--dp-shard", lay["dp"], "--dp-replicate", 1, "--zero", lay["zero"]] if "zero" in lay
           else ["--dp-replicate", lay["dp"], "--dp-shard", 1])
     argv = ["--model", model, "--chip", chip_argument(run, work_dir), "--count", run["count"],

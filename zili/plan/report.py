@@ -1,4 +1,5 @@
-"""The plan as text (a table of the best layouts) or as JSON (`layouts[]`, one object per layout).
+"""The plan as text (a table of the best layouts) or as JSON (`layouts[]`, one object per layout); the one
+place where the plan's dataclasses (a layout's `time`, a `zili.plan.cost.StepTime`) become dicts.
 
 JSON layout fields: tp, pp, vpp, cp, ep, dp_shard, dp_replicate, zero, microbatch, recompute,
 sequence_parallel, dtype, attention, global_batch (sequences), mem_gb (1e9 bytes per chip), memory{params, grads,
@@ -9,7 +10,10 @@ days and chip_hours for the token budget; `verify` = {measured_bytes, analytic_b
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
+from tabulate import tabulate
 
 
 def _fmt_count(x: float) -> str:
@@ -19,8 +23,15 @@ def _fmt_count(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _plain(value):
+    """JSON for what json does not know: dataclasses by their fields, anything else as a number."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return float(value)
+
+
 def to_json(plan: dict) -> str:
-    return json.dumps(plan, indent=1, default=float)
+    return json.dumps(plan, indent=1, default=_plain)
 
 
 def table(plan: dict) -> str:
@@ -36,7 +47,7 @@ def table(plan: dict) -> str:
     rows = []
     for i, r in enumerate(plan["layouts"], 1):
         mem, t = r["memory"], r["time"]
-        comm = sum(t[k] for k in ("tp_comm_s", "pp_comm_s", "ep_comm_s", "cp_comm_s", "dp_comm_s"))
+        comm = t.tp_comm_s + t.pp_comm_s + t.ep_comm_s + t.cp_comm_s + t.dp_comm_s
         layout = (f"tp{r['tp']} pp{r['pp']}" + (f"v{r['vpp']}" if r["vpp"] > 1 else "")
                   + "".join(f" {k}{r[k]}" for k in ("cp", "ep") if r[k] > 1)
                   + f" dp{r['dp_replicate']}x{r['dp_shard']} z{r['zero']} mb{r['microbatch']} {r['recompute']}"
@@ -44,12 +55,11 @@ def table(plan: dict) -> str:
                   + ("" if r["attention"] == "flash" else f" {r['attention']}"))
         rows.append([str(i), layout, str(r["global_batch"]), f"{r['mem_gb']:.1f}",
                      f"{mem['params'] + mem['grads'] + mem['optimizer']:.1f} / {mem['activations']:.1f}",
-                     f"{r['step_s']:.3g}", f"{t['compute_s']:.3g} / {comm:.3g} / {t['bubble_s']:.3g}",
+                     f"{r['step_s']:.3g}", f"{t.compute_s:.3g} / {comm:.3g} / {t.bubble_s:.3g}",
                      f"{r['tflops_per_device']:.0f}", f"{r['mfu']:.1%}", _fmt_count(r["tokens_per_s"]),
                      f"{r['days']:.3g}", _fmt_count(r["chip_hours"])])
-    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        lines.append("  ".join(cell.ljust(w) if j == 1 else cell.rjust(w) for j, (cell, w) in enumerate(zip(r, widths))))
+    align = ["left" if i == 1 else "right" for i in range(len(head))]  # the layout reads left to right
+    lines.append(tabulate(rows, headers=head, tablefmt="plain", colalign=align, disable_numparse=True))
     for i, r in enumerate(plan["layouts"], 1):
         if "verify" in r:
             v = r["verify"]

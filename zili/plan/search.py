@@ -17,51 +17,63 @@ import itertools
 import re
 
 from zili.models import flops
+from zili.models.args import ModelArgs
+from zili.parallel.layout import Layout, problem
 from zili.plan import memory
-from zili.plan.cost import step_time
-from zili.plan.layout import Layout, problem
+from zili.plan.cost import Step, step_time
+from zili.plan.spec import Cluster
 
 USABLE_HBM = 0.9  # fraction of HBM a plan may fill: the rest is allocator fragmentation, NCCL and runtime buffers
 DEFAULT_BATCH_TOKENS = 4 * 2**20  # global batch when none is given: about 4 M tokens
 
 
-def default_global_batch(arch, layout: Layout) -> int:
-    """About DEFAULT_BATCH_TOKENS tokens, a multiple of dp x microbatch, at least pp micro-batches."""
+def default_global_batch(layout: Layout, seq_len: int) -> int:
+    """About DEFAULT_BATCH_TOKENS tokens in sequences of `seq_len`, a multiple of dp x microbatch, at least pp
+    micro-batches."""
     unit = layout.dp * layout.microbatch
-    per_unit = max(1, round(DEFAULT_BATCH_TOKENS / arch.seq_len / unit))
+    per_unit = max(1, round(DEFAULT_BATCH_TOKENS / seq_len / unit))
     return unit * max(per_unit, layout.pp)
 
 
-def _batch_too_large(arch, batch: int) -> str | None:
+def _batch_too_large(seq_len: int, batch: int) -> str | None:
     """Without --global-batch, a layout whose smallest batch is over twice the default is not considered:
     the batch size is a training choice, and comparing layouts at very different batches would be unfair."""
-    if batch * arch.seq_len > 2 * DEFAULT_BATCH_TOKENS:
-        return (f"its smallest global batch is {batch} sequences ({batch * arch.seq_len / 2**20:.0f} M tokens), over "
+    if batch * seq_len > 2 * DEFAULT_BATCH_TOKENS:
+        return (f"its smallest global batch is {batch} sequences ({batch * seq_len / 2**20:.0f} M tokens), over "
                 f"twice the default {DEFAULT_BATCH_TOKENS / 2**20:.0f} M — give --global-batch to allow it, or use "
                 "more tp/pp/cp and less data parallelism")
     return None
 
 
-def evaluate(arch, cluster, layout: Layout, global_batch: int | None, tokens: float) -> dict:
-    """One layout's figures: layout fields, global_batch, memory (bytes and GB), step time parts, model
-    TFLOP/s per device, MFU, tokens/s, days and chip-hours for `tokens`; or `infeasible` = why."""
-    batch = global_batch or default_global_batch(arch, layout)
+def layout_problem(args: ModelArgs, cluster: Cluster, layout: Layout, seq_len: int, batch: int) -> str | None:
+    """Why `layout` cannot run `args` on `cluster`: the shared rules, then the cluster's (None if it can)."""
+    return (problem(layout, args, world_size=cluster.count, seq_len=seq_len, global_batch=batch)
+            or cluster.layout_problem(layout))
+
+
+def evaluate(args: ModelArgs, cluster: Cluster, layout: Layout, *, seq_len: int, global_batch: int | None,
+             tokens: float) -> dict:
+    """One layout's figures for `global_batch` sequences of `seq_len` tokens (None: the default batch):
+    layout fields, global_batch, memory (bytes and GB), step time (a `StepTime`), model TFLOP/s per device,
+    MFU, tokens/s, days and chip-hours for `tokens`; or `infeasible` = why."""
+    batch = global_batch or default_global_batch(layout, seq_len)
     out = {**layout.to_dict(), "global_batch": batch}
-    why = problem(layout, arch, cluster, batch) or (None if global_batch else _batch_too_large(arch, batch))
+    why = (layout_problem(args, cluster, layout, seq_len, batch)
+           or (None if global_batch else _batch_too_large(seq_len, batch)))
     if why:
         return {**out, "infeasible": why}
-    mem = memory.memory(arch, layout, batch)
+    mem = memory.memory(args, layout, seq_len, batch)
     out["memory"] = {k: (v / 1e9 if isinstance(v, float) else v) for k, v in mem.items()}
     out["mem_gb"] = mem["total"] / 1e9
-    time = step_time(arch, cluster, layout, batch)
-    step = time["step_s"]
-    model_flops = flops.flops_per_token(arch, arch.seq_len) * batch * arch.seq_len
+    time = step_time(Step(args=args, seq_len=seq_len, layout=layout, cluster=cluster, global_batch=batch))
+    step = time.step_s
+    model_flops = flops.flops_per_token(args, seq_len) * batch * seq_len
     out["time"] = time
     out["step_s"] = step
     out["tflops_per_device"] = model_flops / step / cluster.count / 1e12
-    out["hardware_tflops_per_device"] = time["hardware_flops"] / step / cluster.count / 1e12
+    out["hardware_tflops_per_device"] = time.hardware_flops / step / cluster.count / 1e12
     out["mfu"] = out["tflops_per_device"] * 1e12 / cluster.peak_flops(layout.dtype)
-    out["tokens_per_s"] = batch * arch.seq_len / step
+    out["tokens_per_s"] = batch * seq_len / step
     out["days"] = tokens / out["tokens_per_s"] / 86400
     out["chip_hours"] = out["days"] * 24 * cluster.count
     limit = cluster.hbm_bytes * USABLE_HBM
@@ -77,17 +89,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(arch, cluster, fixed: dict) -> list[Layout]:
+def candidates(args: ModelArgs, cluster: Cluster, fixed: dict, seq_len: int) -> list[Layout]:
     """Every layout that agrees with `fixed` (layout field -> value) over the searched ranges."""
     n = cluster.count
     dtype = fixed.get("dtype") or ("bf16" if cluster.row.get("bf16_tflops") else "fp16")
     pow2 = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= cluster.per_node]
     opts = {
         "tp": pow2,
-        "pp": [d for d in _divisors(n) if d <= arch.n_layers],
+        "pp": [d for d in _divisors(n) if d <= args.n_layers],
         "vpp": [1, 2, 4],
-        "cp": [1, 2, 4] if arch.seq_len >= 16384 else [1],
-        "ep": _divisors(arch.n_routed_experts) if arch.is_moe else [1],
+        "cp": [1, 2, 4] if seq_len >= 16384 else [1],
+        "ep": _divisors(args.n_routed_experts) if args.is_moe else [1],
         "microbatch": [1, 2, 4, 8],
         "recompute": ["none", "selective", "full"],
         "zero": [3],
@@ -121,11 +133,12 @@ def candidates(arch, cluster, fixed: dict) -> list[Layout]:
     return out
 
 
-def search(arch, cluster, fixed: dict, global_batch: int | None, tokens: float, top: int = 5) -> dict:
+def search(args: ModelArgs, cluster: Cluster, fixed: dict, *, seq_len: int, global_batch: int | None,
+           tokens: float, top: int = 5) -> dict:
     """{"layouts": the best `top` feasible evaluations (best first), "infeasible": {reason pattern: {count,
-    example}},
-    "evaluated": how many}; with every layout value fixed, the one layout (feasible or not)."""
-    results = [evaluate(arch, cluster, layout, global_batch, tokens) for layout in candidates(arch, cluster, fixed)]
+    example}}, "evaluated": how many, "rejected": the first infeasible one when none is feasible}."""
+    results = [evaluate(args, cluster, layout, seq_len=seq_len, global_batch=global_batch, tokens=tokens)
+               for layout in candidates(args, cluster, fixed, seq_len)]
     feasible = sorted((r for r in results if "infeasible" not in r), key=lambda r: (-round(r["mfu"], 4), r["mem_gb"]))
     reasons: dict[str, dict] = {}  # reason with its numbers blanked -> {count, example}
     for r in results:

@@ -1,11 +1,11 @@
-"""The planner's inputs: the architecture (`Arch`), the cluster (`Cluster`: a chip-table row, a count and a
-node size) and the token budget.
+"""The planner's inputs: the model (`load_model`: a `ModelArgs` and the sequence length it trains at), the
+cluster (`Cluster`: a chip-table row, a count and a node size) and the token budget.
 
-`Arch` holds the keys of a model file (top-level, or under `[model]`): n_layers, dim, n_heads, n_kv_heads,
-ffn_dim, vocab_size, seq_len (tokens), mlp ("swiglu" | "gelu"), tied_embeddings, qkv_bias, dropout, and for
-mixture-of-experts n_routed_experts, n_shared_experts, top_k, moe_ffn_dim, n_dense_layers. `mlp = "gelu"` is the
-GPT block's MLP (h -> ffn -> h through GELU), `swiglu` zili's (gate and up, SiLU, down). `dropout = true` (default
-false, as zili and most LLM pre-training) stores dropout masks, as the GPT-3-era Megatron-LM runs did.
+A model is a zili preset or a TOML file with these keys (top-level, or under `[model]`): n_layers, dim, n_heads,
+n_kv_heads, ffn_dim, vocab_size, seq_len (tokens), mlp ("swiglu" | "gelu"), tied_embeddings, qkv_bias, dropout,
+and for mixture-of-experts n_routed_experts, n_shared_experts, top_k, moe_ffn_dim, n_dense_layers. All but
+seq_len are `ModelArgs` fields (zili/models/args.py says what they mean); seq_len is a training choice, so the
+planner carries it beside the architecture.
 
 A chip file holds the chip-table fields (zili/chips.toml) at the top level or under one `[chip.NAME]`.
 Every problem with either file is a `UserError` naming the field.
@@ -15,94 +15,63 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from zili.accel import load_chips
 from zili.errors import UserError
+from zili.models.args import ModelArgs
+from zili.models.presets import PRESETS
+from zili.parallel.layout import Layout
 
-REQUIRED_ARCH = ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "seq_len")
+REQUIRED_KEYS = ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "seq_len")
 MOE_KEYS = ("n_routed_experts", "n_shared_experts", "top_k", "moe_ffn_dim", "n_dense_layers")
+FLAG_KEYS = ("tied_embeddings", "qkv_bias", "dropout")
+# every key of a model file, in the order `zili plan --json` reports them
+MODEL_KEYS = (*REQUIRED_KEYS, "mlp", "tied_embeddings", *MOE_KEYS, "qkv_bias", "dropout")
 CHIP_FIELDS = ("bf16_tflops", "fp16_tflops", "hbm_gb", "scale_up_gbps", "scale_out_gbps")
 DEFAULT_SEQ_LEN = 4096  # tokens, for presets (their max_seq_len is what RoPE covers, not what one trains at)
 
 
-@dataclass(frozen=True)
-class Arch:
-    n_layers: int
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    vocab_size: int
-    seq_len: int
-    mlp: str = "swiglu"
-    tied_embeddings: bool = False
-    n_routed_experts: int = 0
-    n_shared_experts: int = 0
-    top_k: int = 0
-    moe_ffn_dim: int = 0
-    n_dense_layers: int = 0
-    qkv_bias: bool = False
-    dropout: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def is_moe(self) -> bool:
-        return self.n_routed_experts > 0
-
-
-def _check_arch(values: dict, where: str) -> Arch:
-    known = {f.name for f in fields(Arch)}
-    unknown = sorted(set(values) - known)
+def _check_model(values: dict, where: str) -> tuple[ModelArgs, int]:
+    """The architecture and seq_len of a model file's `values`; UserError naming the first bad key."""
+    unknown = sorted(set(values) - set(MODEL_KEYS))
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} — model keys are {', '.join(sorted(known))}")
-    for key in REQUIRED_ARCH:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} — model keys are {', '.join(sorted(MODEL_KEYS))}")
+    for key in REQUIRED_KEYS:
         if key not in values:
-            raise UserError(f"{where}: missing {key} — give all of {', '.join(REQUIRED_ARCH)}")
+            raise UserError(f"{where}: missing {key} — give all of {', '.join(REQUIRED_KEYS)}")
     for key, value in values.items():
         if key == "mlp":
             if value not in ("swiglu", "gelu"):
                 raise UserError(f"{where}: mlp must be \"swiglu\" or \"gelu\", got {value!r}")
-        elif key in ("tied_embeddings", "qkv_bias", "dropout"):
+        elif key in FLAG_KEYS:
             if not isinstance(value, bool):
                 raise UserError(f"{where}: {key} must be true or false, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool):
             raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
-        elif value < 0 or (value == 0 and key in REQUIRED_ARCH):
-            raise UserError(f"{where}: {key} must be {'positive' if key in REQUIRED_ARCH else 'zero or more'}, "
+        elif value < 0 or (value == 0 and key in REQUIRED_KEYS):
+            raise UserError(f"{where}: {key} must be {'positive' if key in REQUIRED_KEYS else 'zero or more'}, "
                             f"got {value}")
-    arch = Arch(**values)
-    if arch.dim % arch.n_heads or arch.n_heads % arch.n_kv_heads:
-        raise UserError(f"{where}: n_heads must divide dim and n_kv_heads must divide n_heads "
-                        f"(dim {arch.dim}, n_heads {arch.n_heads}, n_kv_heads {arch.n_kv_heads})")
-    if arch.is_moe:
-        if not (0 < arch.top_k <= arch.n_routed_experts and arch.moe_ffn_dim > 0):
-            raise UserError(f"{where}: a mixture-of-experts model needs 0 < top_k <= n_routed_experts and "
-                            "moe_ffn_dim > 0")
-        if arch.n_dense_layers >= arch.n_layers:
-            raise UserError(f"{where}: n_dense_layers ({arch.n_dense_layers}) leaves no expert layers")
-    return arch
+    arch = {k: v for k, v in values.items() if k != "seq_len"}
+    # the RoPE table need not cover more than the planned sequence (it matters only to --verify)
+    args = ModelArgs(**arch, max_seq_len=values["seq_len"])
+    try:
+        args.validate()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return args, values["seq_len"]
 
 
-def arch_from_model_args(args, seq_len: int) -> Arch:
-    return Arch(n_layers=args.n_layers, dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                ffn_dim=args.ffn_dim, vocab_size=args.vocab_size, seq_len=seq_len,
-                tied_embeddings=args.tied_embeddings, qkv_bias=args.qkv_bias)
-
-
-def load_arch(name_or_file: str, seq_len: int | None = None) -> Arch:
-    """A zili preset by name, or a TOML model file; `seq_len` (tokens) overrides the file's/preset's."""
-    from zili.models.presets import PRESETS
-
+def load_model(name_or_file: str, seq_len: int | None = None) -> tuple[ModelArgs, int]:
+    """(architecture, seq_len in tokens) of a zili preset by name or of a TOML model file; `seq_len` overrides
+    the file's (presets: DEFAULT_SEQ_LEN, or their max_seq_len if smaller)."""
     if name_or_file in PRESETS:
         args = PRESETS[name_or_file]
         if args.vocab_size == 0:
             raise UserError(f"preset {name_or_file!r} takes its vocabulary from a tokenizer — write a model file "
                             "with vocab_size instead")
-        return arch_from_model_args(args, seq_len or min(DEFAULT_SEQ_LEN, args.max_seq_len))
+        return args, seq_len or min(DEFAULT_SEQ_LEN, args.max_seq_len)
     path = Path(name_or_file)
     if not path.is_file():
         raise UserError(f"--model {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML file")
@@ -113,7 +82,7 @@ def load_arch(name_or_file: str, seq_len: int | None = None) -> Arch:
     values = dict(data.get("model", data))
     if seq_len:
         values["seq_len"] = seq_len
-    return _check_arch(values, str(path))
+    return _check_model(values, str(path))
 
 
 @dataclass(frozen=True)
@@ -131,6 +100,16 @@ class Cluster:
         if value <= 0:
             raise UserError(f"chip {self.chip} has no {dtype} peak in its table row — pick another --dtype")
         return value * 1e12
+
+    def layout_problem(self, layout: Layout) -> str | None:
+        """Why this cluster cannot run `layout`, beyond the shared rules (zili.parallel.layout.problem): a tp
+        group must stay inside a node (its all-reduces need the scale-up links), and the chip needs a peak in
+        the layout's dtype. None if it can."""
+        if layout.tp > self.per_node:
+            return f"tp={layout.tp} spans more than one node of {self.per_node} chips — keep tp within a node"
+        if not self.row.get(f"{layout.dtype}_tflops"):
+            return f"chip {self.chip} has no {layout.dtype} peak — pick another --dtype"
+        return None
 
     @property
     def hbm_bytes(self) -> float:
@@ -157,8 +136,6 @@ def _check_chip(row: dict, where: str) -> dict:
 
 def load_cluster(name_or_file: str, count: int, per_node: int) -> Cluster:
     """A chip-table row by name or a TOML chip file, `count` chips, `per_node` per node."""
-    from zili.accel import load_chips
-
     if count <= 0 or per_node <= 0:
         raise UserError(f"--count and --per-node must be positive, got {count} and {per_node}")
     chips = load_chips()

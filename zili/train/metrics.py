@@ -1,10 +1,12 @@
 """Training metrics: RUN_DIR/metrics.jsonl (rank 0 writes) and a console progress bar.
 
 Each logged step appends one JSON object with at least
-`step, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_gb`, plus `val_loss` when validation ran at that
-step. The line for step 0 (validation of the untrained model) carries `val_loss` and `null` for the
-training figures. Units: loss in nats/token, tokens_per_s in tokens per second over all ranks, mfu a
-fraction of the devices' peak FLOP/s, peak_mem_gb in 1e9 bytes.
+`step, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_gb, skipped_steps`, plus `val_loss` when validation
+ran at that step. `skipped_steps` counts the steps of the run so far whose update was skipped because their
+loss or gradient norm was not finite; a non-finite figure is written as null. The line for step 0 (validation
+of the untrained model) carries `val_loss` and `null` for the training figures. Units: loss in nats/token,
+tokens_per_s in tokens per second over all ranks, mfu a fraction of the devices' peak FLOP/s, peak_mem_gb in
+1e9 bytes.
 
 MFU = flops_per_token (zili.models.flops) x tokens_per_s / (peak FLOP/s per device x devices).
 """
@@ -12,11 +14,21 @@ MFU = flops_per_token (zili.models.flops) x tokens_per_s / (peak FLOP/s per devi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tqdm import tqdm
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb")
+
+
+def _json_number(key: str, value):
+    """Floats rounded to 6 digits (losses kept exact); non-finite ones as null, which JSON can hold."""
+    if not isinstance(value, float):
+        return value
+    if not math.isfinite(value):
+        return None
+    return value if key in ("loss", "val_loss") else round(value, 6)
 
 
 class MetricsLog:
@@ -40,7 +52,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {k: (round(v, 6) if isinstance(v, float) and k != "loss" and k != "val_loss" else v) for k, v in record.items()}
+        record = {k: _json_number(k, v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         shown = {k: record[k] for k in ("loss", "val_loss", "tokens_per_s", "mfu") if record.get(k) is not None}

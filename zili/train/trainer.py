@@ -15,38 +15,38 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from zili import __version__
-from zili.accel import get_accelerator, tune_cpu_allocator
+from zili import __version__, checkpoint
+from zili.accel import get_accelerator
 from zili.config import Config
+from zili.data.demo import demo_dataset
 from zili.data.loader import Loader, PackedDataset
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
+from zili.fsio import atomic_dir, atomic_write_text
+from zili.infer.generate import generate
+from zili.interop.hf import args_from_config, read_config
+from zili.interop.import_hf import HFWeights
 from zili.models.flops import flops_per_token
 from zili.models.presets import resolve
 from zili.models.transformer import Transformer
 from zili.parallel import distributed
 from zili.parallel.apply import parallelize
-from zili.parallel.mesh import build_mesh, check_layout, dp_rank, resolve_dims
-from zili.train import checkpoint
+from zili.parallel.mesh import build_mesh, check_layout, dp_rank, resolve_layout
 from zili.train.metrics import MetricsLog
 from zili.train.optim import build_optimizer, lr_at, set_lr
-from zili.train.step import clip_grad_norm_, detached_value, forward_backward, lm_loss, pipeline_forward_backward
+from zili.train.step import StepResult, forward_backward, lm_loss, train_step
 
 
 def dataset_dir(cfg: Config) -> Path:
     """The prepared dataset; the demo corpus is built on first use (by rank 0 while the others wait)."""
     if cfg.data.dataset != "demo":
         return Path(cfg.data.dataset)
-    from zili.data.demo import demo_dataset
-
     if not distributed.is_main():
         distributed.barrier()
     path = demo_dataset()
@@ -76,10 +76,9 @@ class Trainer:
             raise UserError("parallelism.fsdp_cpu_offload moves FSDP state from an accelerator to host memory, but "
                             "this run is on the CPU already — set it to false")
         self.world_size = distributed.init(self.accel)
-        self.dims = resolve_dims(cfg.parallelism, self.world_size)
+        self.layout = resolve_layout(cfg, self.world_size)
         self.dtype = self.accel.compute_dtype(t.dtype)
-        if self.accel.type == "cpu":
-            tune_cpu_allocator()
+        self.accel.tune_for_training()
         self.dataset = PackedDataset(dataset_dir(cfg))
         self.tokenizer = Tokenizer.load(self.dataset.tokenizer_dir)
         self.hf = None  # {"family", "dtype"} when starting from Hugging Face weights
@@ -89,37 +88,40 @@ class Trainer:
         else:
             self.args = resolve(cfg.model, self.tokenizer.vocab_size)
         if t.seq_len > self.args.max_seq_len:
-            raise UserError(f"training.seq_len {t.seq_len} exceeds the model's max_seq_len {self.args.max_seq_len} — lower it")
-        check_layout(self.dims, cfg, self.args)
-        self.mesh = build_mesh(self.dims, self.accel.type) if self.world_size > 1 else None
-        self.local_batch = t.batch_size // self.dims.dp
-        self.micro_batch = t.micro_batch_size or self.local_batch
+            raise UserError(f"training.seq_len {t.seq_len} exceeds the model's max_seq_len {self.args.max_seq_len} — "
+                            "lower it")
+        check_layout(self.layout, self.args, t.batch_size)
+        self.mesh = build_mesh(self.layout, self.accel.type) if self.world_size > 1 else None
+        self.local_batch = t.batch_size // self.layout.dp
         self.run_dir = Path(distributed.broadcast_text(str(make_run_dir(cfg)), self.accel.device))
         self.loader = Loader(self.dataset, t.seq_len, t.batch_size, t.seed, cfg.data.val_fraction,
-                             rank=dp_rank(self.mesh) if self.mesh else 0, world_size=self.dims.dp)
+                             rank=dp_rank(self.mesh) if self.mesh else 0, world_size=self.layout.dp)
 
         self.accel.seed(t.seed)
         with torch.device("meta"):
             model = Transformer(self.args)
-        self.model = parallelize(model, cfg, self.dims, self.mesh, self.accel.device, seed=t.seed,
-                                 compute_dtype=self.dtype, initial_value=initial_value)
+        self.model = parallelize(model, cfg, self.layout, self.mesh, self.accel.device, seed=t.seed,
+                                 compute_dtype=self.dtype, initial_value=initial_value, loss_fn=lm_loss)
         if initial_value is not None:
             self.hf["dtype"] = str(initial_value.source_dtype).removeprefix("torch.")
         self.optimizers = [build_optimizer(part, cfg.optimizer, self.accel.type) for part in self.model.parts]
         self.step = 0
+        # non-finite steps, counted on the device (read at logged steps and checkpoints: no sync per step)
+        device = self.accel.device
+        self.skipped_steps = torch.zeros((), device=device)
+        self.skip_streak = torch.zeros((), device=device)
+        self.streak_limit_step = torch.zeros((), dtype=torch.int64, device=device)  # step the limit was hit, 0 = not
 
     def _hf_start(self, hf_dir: Path):
         """Architecture from HF_DIR's config.json; the weights source for `parallelize` (model.init=hf:DIR)."""
-        from zili.interop.hf import args_from_config, read_config
-        from zili.interop.import_hf import HFWeights
-
         overrides = [k for k, v in vars(self.cfg.model).items() if k not in ("preset", "init") and v is not None]
         if overrides:
             raise UserError(f"model.{overrides[0]} cannot be combined with model.init={self.cfg.model.init!r} — the "
                             "architecture comes from its config.json; drop the override")
         self.args, family = args_from_config(read_config(hf_dir))
         theirs, ours = hf_dir / "tokenizer.json", self.dataset.tokenizer_dir / "tokenizer.json"
-        if not theirs.is_file() or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model"):
+        if (not theirs.is_file()
+                or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model")):
             raise UserError(f"the dataset {self.dataset.directory} was not tokenized with {hf_dir}'s tokenizer — "
                             f"prepare it with `zili data prepare --tokenizer {hf_dir} ...`")
         if self.tokenizer.vocab_size > self.args.vocab_size:
@@ -137,13 +139,15 @@ class Trainer:
             "step": torch.tensor(self.step),
             "loader_position": torch.tensor(loader["position"]),
             "loader_epoch": torch.tensor(loader["epoch"]),
+            "skipped_steps": self.skipped_steps.detach().to("cpu", copy=True),
         }
         for name, value in self.accel.rng_state().items():
             state[f"rng_{name}"] = value
         return state
 
     def save(self) -> None:
-        meta = {"zili_version": __version__, "model": self.args.to_dict(), "layout": self.dims.describe()}
+        self.check_skips()  # a run past its skip limit writes nothing more: the last good checkpoint stays
+        meta = {"zili_version": __version__, "model": self.args.to_dict(), "layout": self.layout.describe()}
         if self.hf:
             meta["hf"] = self.hf  # export-hf writes the same family, in the source dtype
         checkpoint.save(self.run_dir, self.step, self.model.parts, self.optimizers, self.trainer_state(), meta,
@@ -161,11 +165,13 @@ class Trainer:
         else:
             path = Path(resume)
             if not (path / ".metadata").is_file():
-                raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — pass a step-NNNNNNN directory or 'auto'")
+                raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — "
+                                "pass a step-NNNNNNN directory or 'auto'")
         checkpoint.check_compatible(path, self.args.to_dict())
         state = checkpoint.load(path, self.model.parts, self.optimizers, self.trainer_state())
         self.step = int(state["step"])
         self.loader.load_state_dict({"position": int(state["loader_position"]), "epoch": int(state["loader_epoch"])})
+        self.skipped_steps.fill_(float(state["skipped_steps"]))
         self.accel.set_rng_state({k[4:]: v for k, v in state.items() if k.startswith("rng_")})
         if distributed.is_main():
             print(f"resumed from {path} at step {self.step}")
@@ -174,26 +180,12 @@ class Trainer:
     def autocast(self):
         return self.accel.autocast(self.dtype)
 
-    def _local_loss(self, inputs, targets, train: bool) -> torch.Tensor:
-        """Mean loss of this rank's batch (0 on ranks without the last pipeline stage); backward if `train`."""
-        inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
-        m = self.model
-        with m.loss_context():
-            if m.schedule is not None:
-                return pipeline_forward_backward(m.schedule, inputs, targets, first=m.has_first_stage,
-                                                 last=m.has_last_stage, autocast=self.autocast, train=train)
-            if train:
-                return forward_backward(m.parts[0], inputs, targets, micro_batch=self.micro_batch, autocast=self.autocast)
-            with self.autocast():
-                logits = m.parts[0](inputs)
-            return detached_value(lm_loss(logits, targets))
-
     def _global_mean(self, local: torch.Tensor) -> float:
         """The mean over the global batch of per-rank mean losses (host sync)."""
         if self.world_size == 1:
             return float(local)
         contribution = local if self.model.has_last_stage else torch.zeros_like(local)
-        return float(distributed.all_reduce(contribution)) / (self.dims.dp * self.dims.tp)
+        return float(distributed.all_reduce(contribution)) / (self.layout.dp * self.layout.tp)
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -204,35 +196,50 @@ class Trainer:
         total = torch.zeros((), device=self.accel.device)
         count = 0
         for inputs, targets in self.loader.val_batches(self.cfg.training.eval_batches):
-            total += self._local_loss(inputs, targets, train=False)
+            inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
+            total += forward_backward(self.model, inputs, targets, micro_batch=inputs.shape[0],
+                                      autocast=self.autocast, train=False)
             count += 1
         self.model.train(True)
         return self._global_mean(total / count)
 
-    def train_step(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = self._local_loss(inputs, targets, train=True)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.grad_clip, self.model.pp_group)
-        for optimizer in self.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+    def train_step(self, inputs, targets) -> StepResult:
+        """One step of the ONE train step (zili.train.step), then the skip counters."""
+        inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
+        t = self.cfg.training
+        result = train_step(self.model, self.optimizers, inputs, targets, autocast=self.autocast,
+                            micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip)
+        self.skipped_steps += result.skipped
+        self.skip_streak = (self.skip_streak + 1) * result.skipped
+        reached = (self.streak_limit_step == 0) & (self.skip_streak >= t.max_skipped_steps)
+        self.streak_limit_step = torch.where(reached, self.step + 1, self.streak_limit_step)
+        return result
+
+    def check_skips(self) -> None:
+        """UserError once `training.max_skipped_steps` consecutive steps were non-finite (host sync)."""
+        at = int(self.streak_limit_step)
+        if at:
+            found = checkpoint.list_checkpoints(self.run_dir)
+            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+            raise UserError(f"{self.cfg.training.max_skipped_steps} consecutive steps up to step {at} had a non-finite "
+                            f"loss or gradient norm and were skipped; {last} — lower optimizer.lr, raise "
+                            "optimizer.warmup_steps or check the data, then resume")
 
     def global_batch_ids(self) -> list[int]:
         """The sequence ids every data-parallel rank consumed in the last step, in global-batch order."""
         local = torch.tensor(self.loader.last_batch_ids, dtype=torch.int64, device=self.accel.device)
         rows = distributed.all_gather_rows(local)  # ranks ordered (pp, dp_replicate, dp_shard, tp)
-        return rows[0 : self.dims.dp * self.dims.tp : self.dims.tp].flatten().tolist()
+        return rows[0 : self.layout.dp * self.layout.tp : self.layout.tp].flatten().tolist()
 
     # ---- loop --------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
+            atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
             tok_dir = self.run_dir / "tokenizer"
             if not tok_dir.exists():
-                tmp = self.run_dir / f".tmp-tokenizer-{os.getpid()}"
-                shutil.copytree(self.dataset.tokenizer_dir, tmp, dirs_exist_ok=True)
-                tmp.rename(tok_dir)
+                with atomic_dir(tok_dir) as tmp:
+                    shutil.copytree(self.dataset.tokenizer_dir, tmp, dirs_exist_ok=True)
         distributed.barrier()
         # every rank writes its checkpoint shards under run_dir: it must be one directory for all of them
         missing = torch.tensor(0.0 if (self.run_dir / "config.toml").is_file() else 1.0)
@@ -254,54 +261,51 @@ class Trainer:
 
         if self.step == 0 and t.eval_every and self.loader.n_val:
             log.write({"step": 0, "loss": None, "lr": None, "grad_norm": None, "tokens_per_s": None,
-                       "mfu": None, "peak_mem_gb": None, "val_loss": self.validate()})
-        started_at = self.step
-        timed_steps, timer, overhead = 0, time.perf_counter(), 0.0  # tokens/s excludes eval and checkpoints
-        while self.step < t.steps:
-            lr = lr_at(self.step, t.steps, cfg.optimizer)
-            for optimizer in self.optimizers:
-                set_lr(optimizer, lr)
-            inputs, targets = self.loader.next_batch()
-            loss, grad_norm = self.train_step(inputs, targets)
-            self.step += 1
-            timed_steps += 1
-            log.advance()
-            last = self.step == t.steps
-            stopping = bool(t.exit_after) and self.step - started_at >= t.exit_after and not last
-            if self.step % cfg.metrics.log_every == 0 or last or stopping:
-                loss_value = self._global_mean(loss)  # the one host sync per logged step
-                tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - overhead)
-                peak_mem = float(distributed.all_reduce(torch.tensor(self.accel.peak_memory_gb()), op="max"))
-                record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak, "peak_mem_gb": peak_mem}
-                timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
-                if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
-                    record["val_loss"] = self.validate()
-                if cfg.metrics.log_sequence_ids:
-                    record["sequence_ids"] = self.global_batch_ids()
-                log.write(record)
-                if not math.isfinite(loss_value):
-                    log.close()
-                    raise UserError(f"the loss became {loss_value} at step {self.step} — "
-                                    "lower optimizer.lr or raise optimizer.warmup_steps")
-                overhead += time.perf_counter() - timer
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stopping:
-                begin = time.perf_counter()
-                self.save()
-                overhead += time.perf_counter() - begin
-            if stopping:
-                log.close()
-                if main:
-                    print(f"stopping after step {self.step} (training.exit_after={t.exit_after}); "
-                          f"continue with --checkpoint.resume=auto --training.run_dir={self.run_dir}")
-                return self.run_dir
-        log.close()
+                       "mfu": None, "peak_mem_gb": None, "skipped_steps": None, "val_loss": self.validate()})
+        try:
+            started_at = self.step
+            timed_steps, timer, overhead = 0, time.perf_counter(), 0.0  # tokens/s excludes eval and checkpoints
+            while self.step < t.steps:
+                lr = lr_at(self.step, t.steps, cfg.optimizer)
+                for optimizer in self.optimizers:
+                    set_lr(optimizer, lr)
+                inputs, targets = self.loader.next_batch()
+                result = self.train_step(inputs, targets)
+                self.step += 1
+                timed_steps += 1
+                log.advance()
+                last = self.step == t.steps
+                stopping = bool(t.exit_after) and self.step - started_at >= t.exit_after and not last
+                if self.step % cfg.metrics.log_every == 0 or last or stopping:
+                    loss_value = self._global_mean(result.loss)  # the one host sync per logged step
+                    tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - overhead)
+                    peak_mem = float(distributed.all_reduce(torch.tensor(self.accel.peak_memory_gb()), op="max"))
+                    record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(result.grad_norm),
+                              "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak, "peak_mem_gb": peak_mem,
+                              "skipped_steps": int(self.skipped_steps)}
+                    timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
+                    if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
+                        record["val_loss"] = self.validate()
+                    if cfg.metrics.log_sequence_ids:
+                        record["sequence_ids"] = self.global_batch_ids()
+                    log.write(record)
+                    self.check_skips()
+                    overhead += time.perf_counter() - timer
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stopping:
+                    begin = time.perf_counter()
+                    self.save()
+                    overhead += time.perf_counter() - begin
+                if stopping:
+                    if main:
+                        print(f"stopping after step {self.step} (training.exit_after={t.exit_after}); "
+                              f"continue with --checkpoint.resume=auto --training.run_dir={self.run_dir}")
+                    return self.run_dir
+        finally:
+            log.close()
         return self.run_dir
 
     def sample(self) -> str:
         """Generate `sample_tokens` tokens from `sample_prompt` with the trained model (single process only)."""
-        from zili.infer.generate import generate
-
         t = self.cfg.training
         model = self.model.parts[0]
         prompt = self.tokenizer.encode(t.sample_prompt) or [self.tokenizer.eos_id]

@@ -17,7 +17,9 @@ stages) and one optimizer per part.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,8 +36,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from zili.errors import UserError
+from zili.fsio import commit_dir, temp_dir_for
+from zili.models.args import ModelArgs
 
 PREFIX = "step-"
 
@@ -56,15 +62,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if "Error" in line or "mismatch" in line]
-    return (lines[-1] if lines else str(error).strip().splitlines()[0])[:200]
-
-
 def check_compatible(path: Path, model_args: dict) -> None:
     """UserError naming the architecture fields where checkpoint `path` differs from `model_args`."""
     saved = read_meta(path).get("model", {})
-    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in model_args.items() if saved.get(k) != v]
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelArgs)}  # for keys older checkpoints lack
+    differ = [f"{k}={saved.get(k, defaults.get(k))!r} (now {v!r})" for k, v in model_args.items()
+              if saved.get(k, defaults.get(k)) != v]
     if differ:
         raise UserError(f"checkpoint {path} was written for another model: {', '.join(differ)} — "
                         "resume with the model config it was trained with, or start a new run_dir")
@@ -79,7 +82,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "meta.json").is_file() and (p / ".metadata").is_file()]
+    found = [p for p in root.iterdir()
+             if p.name.startswith(PREFIX) and (p / "meta.json").is_file() and (p / ".metadata").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -90,15 +94,81 @@ def resolve(run_dir: Path, step: int | None = None) -> Path:
         found = [p for p in found if p.name == step_dir(run_dir, step).name]
     if not found:
         what = f"checkpoint for step {step}" if step is not None else "complete checkpoint"
-        raise UserError(f"no {what} in {Path(run_dir) / 'checkpoints'} — train first, or pass a run directory that has one")
+        raise UserError(f"no {what} in {Path(run_dir) / 'checkpoints'} — "
+                        "train first, or pass a run directory that has one")
     return found[-1]
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
+    """The checkpoint's meta.json (step, model architecture, ...); UserError if missing or damaged."""
+    file = Path(path) / "meta.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{file} not found — {path} is not a complete zili checkpoint") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file} cannot be read ({e.__class__.__name__}) — the checkpoint is damaged") from None
 
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _flat_keys(state: dict, prefix: str = "") -> dict[str, object]:
+    """{"model": {"a.w": t}} -> {"model.a.w": t}: DCP's names for the entries of a nested state dict."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update(_flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_metadata(path: Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no .metadata file — it is incomplete: pick another step") from None
+    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # DCP's own format
+        raise UserError(f"checkpoint {path}/.metadata cannot be read ({e.__class__.__name__}: {e}) — the file is "
+                        "damaged: pick another step") from None
+
+
+def _load(path: Path, state: dict) -> None:
+    """dcp.load `state` in place from `path`, first checking that every entry exists with the same shape;
+    a missing or unreadable file is reported as such (UserError); anything else (out of memory ...) raises."""
+    metadata = _read_metadata(path).state_dict_metadata
+    for key, value in _flat_keys(state).items():
+        if key not in metadata:
+            raise UserError(f"checkpoint {path} has no {key!r} — it was written for another model or optimizer: "
+                            "resume with the config it was written with")
+        saved = metadata[key]
+        if isinstance(value, torch.Tensor) and isinstance(saved, TensorStorageMetadata) and \
+                tuple(saved.size) != tuple(value.shape):
+            raise UserError(f"checkpoint {path}: {key!r} has shape {tuple(saved.size)} there but {tuple(value.shape)} "
+                            "here — resume with the model config it was written with")
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a BaseException
+        cause = _io_cause(e)
+        if cause is None:
+            raise
+        raise UserError(f"checkpoint {path}: a data file is missing or unreadable ({cause}) — the checkpoint is "
+                        "damaged: pick another step") from None
+
+
+def _io_cause(error: BaseException) -> str | None:
+    """The I/O error behind a DCP failure (DCP wraps each rank's exception), as text; None if not I/O."""
+    text = str(error)
+    for kind in ("FileNotFoundError", "PermissionError", "IsADirectoryError", "OSError", "EOFError",
+                 "UnpicklingError", "SafetensorError"):
+        if kind in text:
+            line = next((ln.strip() for ln in text.splitlines() if kind in ln), kind)
+            return line[:200]
+    if isinstance(error, OSError):
+        return f"{error.__class__.__name__}: {error}"[:200]
+    return None
 
 
 def _part_states(parts, optimizers) -> list[tuple[dict, dict]]:
@@ -112,22 +182,42 @@ def _write(run_dir: Path, step: int, state: dict, meta: dict) -> Path:
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if _is_writer():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        temp_dir_for(final)
     _barrier()
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp))
     if _is_writer():
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        commit_dir(tmp, final)
     return final
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_finite(parts, optimizers) -> None:
+    """UserError naming a parameter (or optimizer state) that is not finite on any rank: a checkpoint never
+    holds one. One reduction over all ranks; collective under torch.distributed."""
+    tensors = [(name, _local(p)) for part in parts for name, p in part.named_parameters()]
+    tensors += [(f"optimizer state of {name}", _local(v)) for part, opt in zip(parts, optimizers)
+                for name, p in part.named_parameters() for v in opt.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    flags = torch.stack([~torch.isfinite(t).all() for _, t in tensors]).float() if tensors else torch.zeros(1)
+    anywhere = flags.max().reshape(1)  # ranks hold different numbers of tensors (pipeline stages): reduce one
+    if dist.is_initialized():
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    if bool(anywhere):
+        name = tensors[int(flags.argmax())][0] if bool(flags.max()) else "a parameter on another rank"
+        raise UserError(f"{name} is not finite — refusing to write a checkpoint of a broken state; the previous "
+                        "checkpoints are kept: resume from the last one with a lower optimizer.lr")
 
 
 def save(run_dir: Path, step: int, parts, optimizers, trainer_state: dict[str, torch.Tensor], meta: dict,
          keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Collective under torch.distributed."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`. Refuses (UserError) a state
+    with a non-finite value, writing nothing. Collective under torch.distributed."""
+    check_finite(parts, optimizers)
     model_sd, optim_sd = {}, {}
     for model_part, optim_part in _part_states(parts, optimizers):
         model_sd.update(model_part)
@@ -152,12 +242,7 @@ def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor]) 
     model_sd = {k: v for model_part, _ in states for k, v in model_part.items()}
     optim_sd = {k: v for _, optim_part in states for k, v in optim_part.items()}
     state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
-    try:
-        with _quiet():
-            dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # DCP raises many kinds for a mismatched checkpoint
-        raise UserError(f"checkpoint {path} does not fit this model/optimizer ({_first_line(e)}) — "
-                        "resume with the config it was written with") from None
+    _load(path, state)
     for part, opt, (model_part, optim_part) in zip(parts, optimizers, states):
         # DCP fills tensors in place but replaces plain values (learning rates ...): read back from `state`
         set_model_state_dict(part, {k: state["model"][k] for k in model_part})
@@ -167,13 +252,8 @@ def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor]) 
 
 def load_model(path: Path, model) -> None:
     """Load only the model weights from `path` (for inference and export)."""
-    model_sd = get_model_state_dict(model, options=StateDictOptions())
-    state = {"model": model_sd}
-    try:
-        with _quiet():
-            dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:
-        raise UserError(f"checkpoint {path} does not fit this model ({_first_line(e)})") from None
+    state = {"model": get_model_state_dict(model, options=StateDictOptions())}
+    _load(path, state)
     set_model_state_dict(model, state["model"])
 
 
@@ -181,10 +261,5 @@ def read_model_tensor(path: Path, name: str, shape) -> torch.Tensor:
     """Parameter `name` of checkpoint `path` as an fp32 tensor of `shape`, read alone (DCP reads only its
     bytes, whatever number of ranks wrote it) — for streaming conversions."""
     tensor = torch.empty(shape, dtype=torch.float32)
-    try:
-        with _quiet():
-            dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:
-        raise UserError(f"checkpoint {path} has no usable {name!r} ({_first_line(e)}) — "
-                        "it was not written by this model") from None
+    _load(path, {"model": {name: tensor}})
     return tensor
