@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor.parallel import loss_parallel
 
+from zili.compat import checkpoint_wrapper
 from zili.config import Config
 from zili.parallel.compile import compile_model
 from zili.parallel.fsdp import apply_fsdp
@@ -34,7 +34,7 @@ def apply_activation_checkpointing(model) -> None:
     """Recompute each block's activations during backward instead of storing them (saves memory, costs
     one extra forward per block). The wrapper strips its prefix from state-dict keys."""
     for name, block in list(model.blocks.items()):
-        model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.blocks[name] = checkpoint_wrapper(block)
 
 
 @dataclass

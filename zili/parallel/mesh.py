@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch.distributed.device_mesh import init_device_mesh
 
+from zili.compat import flatten_mesh
 from zili.config import Config, ParallelismConfig
 from zili.errors import UserError
 from zili.models.args import ModelArgs
@@ -101,7 +102,7 @@ def build_mesh(layout: Layout, device_type: str):
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
     if layout.fsdp and layout.tp > 1:
         # a norm over parameters sharded on (dp_shard, tp) then reduces in one collective, not two
-        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        flatten_mesh(mesh, ("dp_shard", "tp"), "dp_shard_tp")
     return mesh
 
 

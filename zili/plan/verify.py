@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
+from zili.compat import clear_sharding_cache, fake_tensor_mode, fake_world
 from zili.config import Config, OptimizerConfig
 from zili.errors import UserError
 from zili.models.args import ModelArgs
@@ -35,7 +35,7 @@ from zili.train.optim import build_optimizer
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _nbytes(tensors) -> int:
@@ -60,10 +60,6 @@ def _config(layout: Layout) -> Config:
 def measure_rank_bytes(args: ModelArgs, layout: Layout, *, rank: int = 0, seq_len: int = 16) -> dict:
     """Per-rank bytes of parameters, gradients and optimizer state of `rank` in `layout`, after one step on
     sequences of `seq_len` tokens; see the module doc."""
-    # torch's fake backend and fake tensors: test-only internals, needed here alone
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     args.validate()
     cfg = _config(layout)
     why = problem(layout, args, global_batch=cfg.training.batch_size) or trainer_problem(layout, args)
@@ -79,7 +75,7 @@ def measure_rank_bytes(args: ModelArgs, layout: Layout, *, rank: int = 0, seq_le
     if dist.is_initialized():
         raise UserError("a default process group already exists — call measure_rank_bytes in a process without one")
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
+    fake_world(rank, layout.world_size)
     try:
         mesh = build_mesh(layout, "cpu")
         with torch.device("meta"):
@@ -89,7 +85,7 @@ def measure_rank_bytes(args: ModelArgs, layout: Layout, *, rank: int = 0, seq_le
         parts = [stage_module(model, stage, n_stages) if layout.pp > 1 else model for stage in ids]
         for part in parts:  # on the meta device, as zili.parallel.apply.parallelize does
             transform(part, cfg, layout, mesh, compute_dtype=torch.bfloat16)
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_tensor_mode():
             for part in parts:  # storage-less "cpu" tensors; the values (init_weights) don't matter here
                 part.to_empty(device="cpu")
             # with sequence parallelism a stage receives its tp-th of the sequence from the previous one
@@ -118,6 +114,4 @@ def measure_rank_bytes(args: ModelArgs, layout: Layout, *, rank: int = 0, seq_le
         }
     finally:
         dist.destroy_process_group()
-        # DTensor caches sharding decisions keyed by mesh shape: drop them, or a later world of the same
-        # shape would get this world's (now destroyed) process groups
-        _clear_sharding_prop_cache()
+        clear_sharding_cache()  # or a later world of the same shape would get this one's dead groups
