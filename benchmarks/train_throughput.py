@@ -1,10 +1,13 @@
 """Training throughput of zili against Hugging Face transformers' Qwen2ForCausalLM, same model, same machine.
 
     python benchmarks/train_throughput.py [--steps 6] [--warmup 2] [--no-compile] [--allocator tuned|default]
+                                          [--dtype auto|bf16|fp32]
 
 Both sides train the same architecture (default: dim 1024, 8 layers, 16 heads, 4 KV heads, SwiGLU 2816,
 vocab 8192, q/k/v bias like Qwen2, untied head) on the same token batch (8 x 512), under
-`torch.autocast(device, dtype=torch.bfloat16)` with fp32 master weights, clipping the gradient norm to
+`torch.autocast(device, dtype=torch.bfloat16)` (or in plain fp32 with `--dtype fp32`, and with `auto` where
+zili's accelerator layer would not use bf16, e.g. a CPU without native bf16 instructions) with fp32 master
+weights, clipping the gradient norm to
 1.0 and stepping AdamW:
 
 - zili: the model built through `parallelize` and stepped by `train_step` — the very construction and
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="'tuned': zili.cpu.tune_allocator() (process-wide, so for both sides)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute dtype of both sides; auto = bf16 where zili would train in it, else fp32")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = PyTorch's default")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
@@ -139,7 +144,9 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (opts.batch, opts.seq + 1), generator=gen).to(device)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    dtype = Accelerator(device).compute_dtype("bf16") if opts.dtype == "auto" else (
+        torch.bfloat16 if opts.dtype == "bf16" else torch.float32)
+    autocast = lambda: Accelerator(device).autocast(dtype)  # noqa: E731
 
     sides = {"zili": zili_side(args, device, inputs, targets, autocast, compiled=False)}
     if opts.compile:
@@ -170,7 +177,7 @@ def main(argv=None) -> dict:
                   "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size,
                   "qkv_bias": True, "tied_embeddings": args.tied_embeddings},
         "batch": opts.batch, "seq_len": opts.seq, "tokens_per_step": n_tokens,
-        "precision": "bf16 autocast, fp32 master weights",
+        "precision": ("bf16 autocast" if dtype == torch.bfloat16 else "fp32") + ", fp32 master weights",
         "optimizer": "AdamW (zili: build_optimizer, fused; transformers: torch.optim.AdamW defaults)",
         "grad_clip": 1.0, "device": device.type, "cpu": cpu_model_name(), "threads": torch.get_num_threads(),
         "allocator": allocator, "torch": torch.__version__, "python": platform.python_version(),

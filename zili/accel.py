@@ -96,8 +96,10 @@ class Accelerator:
         return BACKENDS.get(self.type, "gloo")
 
     def supports_bf16(self) -> bool:
+        """Whether bf16 compute is available and worth it here (on CPU: bf16 matmuls at least as fast as
+        fp32's, i.e. native bf16 instructions)."""
         if self.type == "cpu":
-            return True
+            return cpu.bf16_matmul_is_fast()
         module = _module_for(self.type)
         check = getattr(module, "is_bf16_supported", None)
         if check is not None:
@@ -112,7 +114,8 @@ class Accelerator:
         if name == "bf16":
             if self.supports_bf16():
                 return torch.bfloat16
-            print(f"warning: {self.type} does not support bf16 here; computing in fp32")
+            why = "has no fast bf16 matrix multiply" if self.type == "cpu" else "does not support bf16"
+            print(f"warning: this {self.type} {why}; computing in fp32", file=sys.stderr)
         return torch.float32
 
     def autocast(self, dtype: torch.dtype):

@@ -3,6 +3,8 @@ kernels for the "cpu" device type only. Nothing here changes a value: each trick
 as the plain PyTorch it replaces (up to bf16 rounding order). Measured effects: BENCHMARKS.md, "Where the time
 goes".
 
+- `bf16_matmul_is_fast()`: whether to compute in bf16 at all — CPUs without native bf16 instructions (no
+  AMX, AVX512-BF16 or Arm BF16) multiply bf16 matrices through a scalar fallback, far slower than fp32.
 - `tune_allocator()`: glibc keeps freed memory for reuse (page faults per step gone).
 - `causal_attention()`: training attention as batched matmuls (faster than the SDPA flash kernel's
   backward on CPU at moderate lengths); `kernels.attention` picks it.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,23 @@ MATMUL_ATTENTION_MAX_SCORES = 1 << 27
 # The row-major copy of grad_out costs the same whatever the layer's input size, the time it saves grows
 # with it: a net loss at 384 input features, a gain from 1024 (2-core Sapphire Rapids VM).
 MIN_IN_FEATURES_FOR_ROW_MAJOR_GRAD = 1024
+
+
+def _matmul_seconds(dtype: torch.dtype, size: int, reps: int) -> float:
+    a, b = torch.ones(size, size, dtype=dtype), torch.ones(size, size, dtype=dtype)
+    a @ b  # first call: kernel selection, allocation
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return time.perf_counter() - start
+
+
+@functools.cache
+def bf16_matmul_is_fast(size: int = 256, reps: int = 3) -> bool:
+    """Whether this CPU multiplies bf16 matrices at least as fast as fp32 (measured once per process, ~0.1 s).
+    Where it does not, bf16 autocast would only lose precision and time: the accelerator layer computes in
+    fp32 instead."""
+    return _matmul_seconds(torch.bfloat16, size, reps) <= _matmul_seconds(torch.float32, size, reps)
 
 
 def tune_allocator() -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zili import accel
+from zili import accel, cpu
 
 REQUIRED_ROWS = ["a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h800", "h200", "b200", "mi250x", "mi300x",
                  "gaudi2", "gaudi3", "tpu-v4", "tpu-v5p", "ascend-910", "ascend-910b", "ascend-910c", "cpu"]
@@ -99,3 +99,16 @@ def test_missing_plugin_is_named(monkeypatch):
 
 def test_cpu_peak_memory_is_reported_in_gb():
     assert 0.01 < accel.Accelerator(torch.device("cpu")).peak_memory_gb() < 64
+
+
+@pytest.mark.parametrize("bf16_seconds,expected", [(10.0, torch.float32), (0.5, torch.bfloat16)])
+def test_cpu_computes_in_bf16_only_where_its_matmuls_are_fast(monkeypatch, capsys, bf16_seconds, expected):
+    """Without native bf16 instructions a CPU multiplies bf16 matrices ~100x slower than fp32: train in fp32."""
+    cpu.bf16_matmul_is_fast.cache_clear()
+    monkeypatch.setattr(cpu, "_matmul_seconds", lambda dtype, size, reps: bf16_seconds if dtype == torch.bfloat16
+                        else 1.0)
+    try:
+        assert accel.Accelerator(torch.device("cpu")).compute_dtype("bf16") == expected
+        assert ("no fast bf16 matrix multiply" in capsys.readouterr().err) == (expected == torch.float32)
+    finally:
+        cpu.bf16_matmul_is_fast.cache_clear()

@@ -97,7 +97,7 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
         "params": param_counts(args)["total"],
         "batch": batch,
         "seq_len": seq,
-        "dtype": dtype,
+        "dtype": "bf16" if compute == torch.bfloat16 else "fp32",  # what ran (bf16 may fall back)
         "compile": compile,
         "steps": steps,
         "warmup": max(warmup, 1),
