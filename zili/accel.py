@@ -109,13 +109,15 @@ class Accelerator:
         except (RuntimeError, TypeError):
             return False
 
-    def compute_dtype(self, name: str) -> torch.dtype:
-        """'bf16' -> torch.bfloat16 where supported (else fp32, with a warning); 'fp32' -> torch.float32."""
+    def compute_dtype(self, name: str, warn: bool = True) -> torch.dtype:
+        """'bf16' -> torch.bfloat16 where supported (else fp32, with a warning on stderr if `warn`);
+        'fp32' -> torch.float32."""
         if name == "bf16":
             if self.supports_bf16():
                 return torch.bfloat16
             why = "has no fast bf16 matrix multiply" if self.type == "cpu" else "does not support bf16"
-            print(f"warning: this {self.type} {why}; computing in fp32", file=sys.stderr)
+            if warn:
+                print(f"warning: this {self.type} {why}; computing in fp32", file=sys.stderr)
         return torch.float32
 
     def autocast(self, dtype: torch.dtype):

@@ -77,7 +77,6 @@ class Trainer:
                             "this run is on the CPU already — set it to false")
         self.world_size = distributed.init(self.accel)
         self.layout = resolve_layout(cfg, self.world_size)
-        self.dtype = self.accel.compute_dtype(t.dtype)
         self.accel.tune_for_training()
         self.dataset = PackedDataset(dataset_dir(cfg))
         self.tokenizer = Tokenizer.load(self.dataset.tokenizer_dir)
@@ -97,6 +96,8 @@ class Trainer:
         self.loader = Loader(self.dataset, t.seq_len, t.batch_size, t.seed, cfg.data.val_fraction,
                              rank=dp_rank(self.mesh) if self.mesh else 0, world_size=self.layout.dp)
 
+        # after every check, so that a mistake is the only line printed; the fallback warning from rank 0 only
+        self.dtype = self.accel.compute_dtype(t.dtype, warn=distributed.is_main())
         self.accel.seed(t.seed)
         with torch.device("meta"):
             model = Transformer(self.args)
