@@ -235,12 +235,16 @@ def save_model(run_dir: Path, step: int, model, meta: dict) -> Path:
     return _write(run_dir, step, {"model": get_model_state_dict(model)}, meta)
 
 
-def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load(path: Path, parts, optimizers, trainer_state: dict[str, torch.Tensor],
+         optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Load model, optimizer and trainer state from `path` in place, resharding to this layout;
-    `trainer_state` gives the keys and shapes expected and is returned filled."""
+    `trainer_state` gives the keys and shapes expected and is returned filled — without the `optional` keys
+    the checkpoint lacks (state added since older checkpoints were written)."""
     states = _part_states(parts, optimizers)
     model_sd = {k: v for model_part, _ in states for k, v in model_part.items()}
     optim_sd = {k: v for _, optim_part in states for k, v in optim_part.items()}
+    saved = _read_metadata(path).state_dict_metadata
+    trainer_state = {k: v for k, v in trainer_state.items() if k not in optional or f"trainer.{k}" in saved}
     state = {"model": model_sd, "optim": optim_sd, "trainer": trainer_state}
     _load(path, state)
     for part, opt, (model_part, optim_part) in zip(parts, optimizers, states):

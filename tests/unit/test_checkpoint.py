@@ -88,3 +88,13 @@ def test_load_errors_name_the_real_cause(tmp_path):
     (path / ".metadata").unlink()
     with pytest.raises(UserError, match="no .metadata file"):
         checkpoint.load_model(path, model)
+
+
+def test_optional_trainer_state_missing_from_an_older_checkpoint_is_left_out(tmp_path):
+    model, opt = trained(0)
+    checkpoint.save(tmp_path, 3, [model], [opt], {"step": torch.tensor(3)}, {}, keep=1)
+    expected = {"step": torch.tensor(0), "skipped_steps": torch.tensor(0.0)}
+    loaded = checkpoint.load(checkpoint.resolve(tmp_path), [model], [opt], dict(expected), optional=("skipped_steps",))
+    assert set(loaded) == {"step"} and int(loaded["step"]) == 3
+    with pytest.raises(UserError, match="has no 'trainer.skipped_steps'"):
+        checkpoint.load(checkpoint.resolve(tmp_path), [model], [opt], dict(expected))

@@ -169,10 +169,11 @@ class Trainer:
                 raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — "
                                 "pass a step-NNNNNNN directory or 'auto'")
         checkpoint.check_compatible(path, self.args.to_dict())
-        state = checkpoint.load(path, self.model.parts, self.optimizers, self.trainer_state())
+        state = checkpoint.load(path, self.model.parts, self.optimizers, self.trainer_state(),
+                                optional=("skipped_steps",))  # checkpoints from before skipping existed
         self.step = int(state["step"])
         self.loader.load_state_dict({"position": int(state["loader_position"]), "epoch": int(state["loader_epoch"])})
-        self.skipped_steps.fill_(float(state["skipped_steps"]))
+        self.skipped_steps.fill_(float(state.get("skipped_steps", 0)))
         self.accel.set_rng_state({k[4:]: v for k, v in state.items() if k.startswith("rng_")})
         if distributed.is_main():
             print(f"resumed from {path} at step {self.step}")
