@@ -98,6 +98,10 @@ class Trainer:
 
         # after every check, so that a mistake is the only line printed; the fallback warning from rank 0 only
         self.dtype = self.accel.compute_dtype(t.dtype, warn=distributed.is_main())
+        # every rank must compute in the same dtype: on CPU each decided by timing its own matmuls
+        bf16_everywhere = distributed.all_reduce(torch.tensor(float(self.dtype == torch.bfloat16)))
+        if float(bf16_everywhere) < self.world_size:
+            self.dtype = torch.float32
         self.accel.seed(t.seed)
         with torch.device("meta"):
             model = Transformer(self.args)
