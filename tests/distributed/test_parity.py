@@ -18,9 +18,9 @@ LAYOUTS = [
     pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=InterleavedZeroBubble"], id="pp2-zero-bubble"),
     pytest.param(4, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2"], id="hsdp-2x2"),
     pytest.param(4, 4, ["--parallelism.dp_shard=2", "--parallelism.tp=2"], id="fsdp2-x-tp2"),
-    # 8 processes on a 2-core machine are slow: the first 10 of the 20 steps (exit_after) suffice here
+    # 8 processes on a 2-core machine are slow: the first 5 of the 20 steps (exit_after) suffice here
     pytest.param(8, 4, ["--parallelism.pp=2", "--parallelism.dp_shard=2", "--parallelism.tp=2",
-                        "--training.exit_after=10"], id="pp2-x-fsdp2-x-tp2"),
+                        "--training.exit_after=5"], id="pp2-x-fsdp2-x-tp2"),
 ]
 
 
@@ -31,7 +31,7 @@ def test_layout_matches_single_process(zili_ranks, tiny_dataset, reference_runs,
                         f"--training.run_dir={run_dir}", *layout))
     records = read_records(run_dir)
     reference = reference_runs[layers]
-    last = 10 if "--training.exit_after=10" in layout else 20
+    last = 5 if "--training.exit_after=5" in layout else 20
     assert sorted(records) == list(range(last + 1))
     assert_losses_match(reference, records, range(last + 1))
     # the same global batches were consumed, and the logged figures are global ones

@@ -48,7 +48,7 @@ def test_metrics_records_have_the_contract_keys(zili_cli, tiny_dataset, tmp_path
 
 def test_generate_greedy_is_deterministic(zili_cli, tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    zili_cli("train", *TINY_MODEL, f"--data.dataset={tiny_dataset}", "--training.steps=30",
+    zili_cli("train", *TINY_MODEL, f"--data.dataset={tiny_dataset}", "--training.steps=12",
              f"--training.run_dir={run}", check=True)
     outs = [zili_cli("generate", run, "--prompt", "def parse", "--temperature", "0", "--max-new-tokens", "24",
                      check=True).stdout for _ in range(2)]
