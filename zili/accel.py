@@ -11,8 +11,10 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -33,6 +35,8 @@ VENDOR_PLUGINS = {"npu": "torch_npu", "mlu": "torch_mlu", "musa": "torch_musa"}
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "mlu": "cncl", "musa": "mccl", "xpu": "xccl", "cpu": "gloo", "mps": "gloo"}
 
 CHIPS_FILE = Path(__file__).with_name("chips.toml")
+# Names a chip-table row to use instead of the one matching the device name (a chip the table spells differently).
+CHIP_ENV = "ZILI_CHIP"
 
 
 def cache_dir() -> Path:
@@ -61,10 +65,19 @@ def vendor_ops(device_type: str):
 
 
 def flash_attn_func():
-    """`flash_attn.flash_attn_func` if the optional flash-attention package is installed (CUDA), else None."""
+    """`flash_attn.flash_attn_func` if the optional flash-attention package (CUDA) is installed and imports, else
+    None. An install that does not import — an extension built for another torch or CUDA fails with ImportError
+    (undefined symbol), OSError (missing library) or RuntimeError; a release without the function with
+    AttributeError — prints one warning on stderr and gives None, so that attention uses PyTorch's SDPA instead
+    of failing in the first forward. (Whether the function runs on a given device is `zili.kernels`' test.)"""
     if importlib.util.find_spec("flash_attn") is None:
         return None
-    return importlib.import_module("flash_attn").flash_attn_func
+    try:
+        return importlib.import_module("flash_attn").flash_attn_func
+    except (ImportError, OSError, RuntimeError, AttributeError) as error:
+        print(f"warning: flash-attn is installed but does not import ({type(error).__name__}: {error}); "
+              "attention uses PyTorch's scaled_dot_product_attention", file=sys.stderr)
+        return None
 
 
 def detect_device_type() -> str:
@@ -126,6 +139,18 @@ class Accelerator:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.type, dtype=dtype)
 
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (host memory) on this device without making the host wait: on an accelerator it is copied
+        into page-locked memory and sent asynchronously, so the host goes on queueing the step while the previous
+        one still runs (a copy from pageable memory would wait for it)."""
+        if self.type == "cpu":
+            return tensor
+        try:
+            pinned = tensor.pin_memory()
+        except RuntimeError:  # no page-locked memory on this backend (e.g. MPS, whose memory is unified)
+            return tensor.to(self.device)
+        return pinned.to(self.device, non_blocking=True)
+
     def tune_for_training(self) -> None:
         """Process-wide settings that make training faster on this device type (on CPU: `zili.cpu`)."""
         if self.type == "cpu":
@@ -154,18 +179,40 @@ class Accelerator:
         torch.manual_seed(seed)
 
     def rng_state(self) -> dict[str, torch.Tensor]:
-        """Generator states as uint8 tensors (checkpointable without pickling)."""
-        state = {"cpu": torch.get_rng_state()}
+        """This process's generator states as uint8 CPU tensors under device-neutral keys, so that a checkpoint
+        holds the same entries whatever device wrote it (and nothing is pickled): `cpu` the torch CPU generator,
+        `device` the accelerator's generator (empty on a CPU, or a device module without one), `device_type` the
+        device type it came from as ASCII bytes (b"cuda", b"npu", b"cpu" ...)."""
+        device = torch.empty(0, dtype=torch.uint8)
         module = _module_for(self.type)
         if module is not None and hasattr(module, "get_rng_state"):
-            state[self.type] = module.get_rng_state(self.device).cpu()
-        return state
+            device = module.get_rng_state(self.device).cpu()
+        return {"cpu": torch.get_rng_state(), "device": device, "device_type": encode_text(self.type)}
 
-    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+    def set_rng_state(self, state: dict[str, torch.Tensor], warn: bool = True) -> None:
+        """Restore generator states saved by `rng_state`, whichever device type wrote them: the CPU generator
+        always; the device generator only when `device_type` is this device's type (a CUDA generator's state
+        means nothing to an NPU). Across device types the device generator keeps its seeded state and, if `warn`,
+        a one-line note on stderr says so. Also reads the older layout: {"cpu"} from CPU runs, {"cpu", <type>}
+        from accelerator runs."""
         torch.set_rng_state(state["cpu"].cpu())
+        if "device_type" in state:
+            source, saved = decode_text(state["device_type"]), state.get("device", torch.empty(0))
+        else:  # written before `device_type`: the device generator sat under its type's name
+            source, saved = next(((k, v) for k, v in state.items() if k != "cpu"), ("cpu", torch.empty(0)))
         module = _module_for(self.type)
-        if self.type in state and module is not None and hasattr(module, "set_rng_state"):
-            module.set_rng_state(state[self.type].cpu(), self.device)
+        if source == self.type:
+            if saved.numel() and module is not None and hasattr(module, "set_rng_state"):
+                module.set_rng_state(saved.cpu(), self.device)
+            return
+        if warn:
+            held = f"its {source} generator state does not apply here" if saved.numel() else \
+                f"it holds no {self.type} generator state"
+            effect = "" if self.type == "cpu" else \
+                f"; the {self.type} generator keeps the state training.seed gave it, so random draws on it (dropout) " \
+                "differ from an uninterrupted run's"
+            print(f"note: the checkpoint was written on {source} and resumes on {self.type}: {held}, only the CPU "
+                  f"generator is restored{effect}", file=sys.stderr)
 
     def chip_name(self) -> str:
         """A human name of the device (GPU model, or the CPU model)."""
@@ -174,14 +221,32 @@ class Accelerator:
             return module.get_device_name(self.device)
         return cpu_model_name()
 
+    def chip_row(self) -> dict | None:
+        """This device's chip-table row as {"name": row name, **fields}: the row named by $ZILI_CHIP if set
+        (UserError if the table has none of that name), else the row matching `chip_name()`; None if none does."""
+        forced = os.environ.get(CHIP_ENV)
+        if forced:
+            chips = load_chips()
+            if forced not in chips:
+                raise UserError(f"{CHIP_ENV}={forced!r} is not a row of the chip table — use one of: "
+                                f"{', '.join(chips)}")
+            return {"name": forced, **chips[forced]}
+        return chip_row_for(self.chip_name())
+
     def peak_flops(self, dtype: torch.dtype) -> float:
-        """Peak dense FLOP/s of this device at `dtype`: the chip table's row, or (CPU, unknown chip) a
-        measured matmul probe cached per machine."""
-        row = chip_row_for(self.chip_name())
+        """Peak dense FLOP/s of one device at `dtype` (the row's bf16 figure for bf16, its fp32 figure otherwise).
+        From the chip table's row; a CPU without a figure gets a measured matmul probe cached per machine (its
+        practical peak). NaN means unknown: an accelerator whose chip has no row, or no figure for `dtype` — a
+        short probe there reads below the datasheet peak and would overstate MFU, so MFU (= achieved / NaN) is
+        logged as null instead, after a one-line warning on stderr (once per chip and dtype in a process)."""
+        row = self.chip_row()
         key = "bf16_tflops" if dtype == torch.bfloat16 else "fp32_tflops"
-        if row is not None and row.get(key):  # 0 = unknown / no such mode: measure instead
+        if row is not None and row.get(key):  # 0 = unknown / no such mode
             return row[key] * 1e12
-        return measured_matmul_flops(self.device, dtype)
+        if self.type == "cpu":
+            return measured_matmul_flops(self.device, dtype)
+        _warn_unknown_peak(self.type, self.chip_name(), row, key)
+        return math.nan
 
 
 def get_accelerator(requested: str = "auto", local_rank: int | None = None) -> Accelerator:
@@ -213,6 +278,35 @@ def get_accelerator(requested: str = "auto", local_rank: int | None = None) -> A
     if hasattr(module, "set_device"):
         module.set_device(device)
     return Accelerator(device)
+
+
+_WARNED_PEAKS: set[tuple[str, str]] = set()  # (chip, dtype key) already warned about in this process
+
+
+def _warn_unknown_peak(device_type: str, chip: str, row: dict | None, key: str) -> None:
+    """The one-line warning that MFU is unknown for `chip`, and how to give it a peak."""
+    if (chip, key) in _WARNED_PEAKS:
+        return
+    _WARNED_PEAKS.add((chip, key))
+    if row is None:
+        why = f"chip {chip!r} ({device_type}) is not in the chip table"
+        fix = (f"add a [chip.NAME] row whose `match` finds this name to zili/chips.toml (docs/accelerators.md), or "
+               f"set {CHIP_ENV}=<row> to use a row of `zili chips`")
+    else:
+        why = f"chip-table row {row['name']!r} has no {key.removesuffix('_tflops')} peak"
+        bf16_instead = key != "bf16_tflops" and row.get("bf16_tflops")  # only where the chip has bf16
+        fix = f"add {key} to that row in zili/chips.toml" + (", or train in bf16" if bf16_instead else "")
+    print(f"warning: {why}, so MFU is logged as null (unknown) — {fix}", file=sys.stderr)
+
+
+def encode_text(text: str) -> torch.Tensor:
+    """`text` as a uint8 tensor of its ASCII bytes: a string a checkpoint can hold without pickling."""
+    return torch.tensor(list(text.encode("ascii")), dtype=torch.uint8)
+
+
+def decode_text(tensor: torch.Tensor) -> str:
+    """The string `encode_text` made `tensor` from."""
+    return bytes(tensor.to(torch.uint8).tolist()).decode("ascii", errors="replace")
 
 
 def cpu_model_name() -> str:
@@ -257,10 +351,11 @@ def describe_chips() -> str:
 
 
 def chip_row_for(device_name: str) -> dict | None:
-    """The chip-table row whose `match` strings all occur in the device's name, if any."""
+    """The first chip-table row, in file order, whose `match` regular expression is found in `device_name`
+    (case-insensitive), as {"name": row name, **fields}; None if none is. Rows without `match` never match."""
     for name, row in load_chips().items():
-        patterns = row.get("match", [])
-        if patterns and all(p.lower() in device_name.lower() for p in patterns):
+        pattern = row.get("match")
+        if pattern and re.search(pattern, device_name, re.IGNORECASE):
             return {"name": name, **row}
     return None
 

@@ -134,6 +134,16 @@ def _read_metadata(path: Path):
                         "damaged: pick another step") from None
 
 
+def saved_tensors(path: Path, prefix: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor the checkpoint at `path` holds under `prefix` (e.g. "trainer."), keyed by
+    the name after the prefix; a missing or damaged .metadata is a UserError."""
+    out = {}
+    for key, entry in _read_metadata(path).state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata):
+            out[key.removeprefix(prefix)] = (tuple(entry.size), entry.properties.dtype)
+    return out
+
+
 def _load(path: Path, state: dict) -> None:
     """dcp.load `state` in place from `path`, first checking that every entry exists with the same shape;
     a missing or unreadable file is reported as such (UserError); anything else (out of memory ...) raises."""

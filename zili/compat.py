@@ -7,19 +7,38 @@ API only; when torch moves or changes a private name, this file is what to fix.
 - `checkpoint_wrapper`, `flatten_mesh`: activation checkpointing per block, one collective over two mesh dims.
 - `fake_world`, `fake_tensor_mode`, `clear_sharding_cache`: one rank of a large world without its hardware
   (`zili plan --verify`).
+- `PipelineSchedule`: a `torch.distributed.pipelining` schedule driven the same way on every torch in the range.
+- `fused_step_unless`: a fused optimizer step skipped on the device (GradScaler's `found_inf` protocol).
+- `pipeline_stage`: a `PipelineStage` whose first-step handshake has matching sizes on every torch.
+- `gloo_sums_for_average`: whether FSDP2's averaging reduce-scatter sums on this torch's gloo (2.8).
+
+Differences between the torch releases in the declared range (2.8 to 2.13) are detected by feature — does the
+function take this argument, does the class have this method — not by version number, so a vendor build that
+backports a feature gets it. The table of what differs is in docs/accelerators.md.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.distributed
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as _checkpoint_wrapper
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import debug as _dtensor_debug
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.distributed.tensor.placement_types import _StridedShard
+
+
+def _takes(fn, argument: str) -> bool:
+    """Whether callable `fn` has a parameter named `argument`."""
+    try:
+        return argument in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _indices_along(dim: int, size: int, mesh, placements: Sequence) -> torch.Tensor:
@@ -82,5 +101,113 @@ def fake_tensor_mode():
 
 def clear_sharding_cache() -> None:
     """Drop DTensor's cached sharding decisions (keyed by mesh shape): after a world is destroyed, a later
-    world of the same shape would otherwise get its dead process groups."""
-    _clear_sharding_prop_cache()
+    world of the same shape would otherwise get its dead process groups. (torch >= 2.11 has a function for it;
+    before, the cache is the `lru_cache` on the sharding propagator's method.)"""
+    if hasattr(_dtensor_debug, "_clear_sharding_prop_cache"):
+        _dtensor_debug._clear_sharding_prop_cache()
+        return
+    cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
+    # torch <= 2.10: an lru_cache, or (2.6) a thread-local holder of one
+    (cached.cache_clear if hasattr(cached, "cache_clear") else cached.cache.cache_clear)()
+
+
+def fused_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """Step a fused optimizer (`fused=True` Adam/AdamW/SGD) unless `skip` (0-dim 0/1 device tensor) is 1, with
+    no host sync: through the `found_inf` attribute that `torch.amp.GradScaler` sets for fused optimizers, on
+    which the fused kernel leaves parameters, moments and step count as they were."""
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+class _Stage(PipelineStage):
+    """torch 2.9 and 2.10 start a pipeline by sending each neighbour an int64 where it receives a float32: gloo
+    refuses the size mismatch ("Received data size doesn't match expected size") and NCCL's behaviour is
+    undefined. This stage sends float32, as torch 2.11 does; elsewhere it is PipelineStage itself."""
+
+    def _get_init_p2p_neighbors_ops(self):
+        ops = super()._get_init_p2p_neighbors_ops()
+        for op in ops:
+            if op.tensor.dtype != torch.float32:
+                op.tensor = op.tensor.float()
+        return ops
+
+
+def pipeline_stage(module: torch.nn.Module, index: int, n_stages: int, device: torch.device, group) -> PipelineStage:
+    """`PipelineStage(module, index, n_stages, device, group=group)`, with the handshake fix of `_Stage` where
+    this torch has the handshake."""
+    if hasattr(PipelineStage, "_get_init_p2p_neighbors_ops"):
+        return _Stage(module, index, n_stages, device, group=group)
+    return PipelineStage(module, index, n_stages, device, group=group)
+
+
+class PipelineSchedule:
+    """A `torch.distributed.pipelining` schedule with one behaviour on every torch in zili's range.
+
+    `make_stages()` returns this rank's `PipelineStage`s (fresh objects on each call, over the modules `parts`);
+    `schedule_class` is e.g. `Schedule1F1B`; `loss_fn(output, target)` is the mean loss of one micro-batch.
+    `step` runs forward and backward and leaves in the parameters' `.grad` the gradient of the MEAN of the
+    micro-batch losses; `eval` leaves the gradients as they were. Both put the per-micro-batch losses into
+    `losses` on the rank holding the last stage.
+
+    - torch >= 2.10: the last stage's outputs are dropped (`return_outputs=False`); before, torch keeps them
+      until the step ends.
+    - torch >= 2.9 evaluates forward only, on stages of its own built at the first `eval`: up to torch 2.12 a
+      stage first run forward-only keeps receive buffers without gradients, and its next training step fails
+      ("has gradients None").
+    - torch 2.8 has no forward-only schedule that computes a loss (the loss-free one runs backward bookkeeping
+      and fails): `eval` runs a training step there and discards its gradients, at the cost of a backward pass.
+    """
+
+    def __init__(self, schedule_class, make_stages, parts, microbatches: int, loss_fn):
+        self._class, self._make_stages, self._parts = schedule_class, make_stages, parts
+        self._n, self._loss_fn = microbatches, loss_fn
+        self._train = self._build()
+        self._eval = None
+
+    def _build(self):
+        stages = self._make_stages()
+        first = stages[0] if issubclass(self._class, PipelineScheduleSingle) else stages
+        return self._class(first, n_microbatches=self._n, loss_fn=self._loss_fn, scale_grads=True)
+
+    def step(self, *args, target=None, losses: list | None = None) -> None:
+        """Forward and backward of one local batch (`args` only on the rank holding the first stage)."""
+        if _takes(self._train.step, "return_outputs"):
+            self._train.step(*args, target=target, losses=losses, return_outputs=False)
+        else:
+            self._train.step(*args, target=target, losses=losses)
+
+    def eval(self, *args, target=None, losses: list | None = None) -> None:
+        """Forward only (see the class doc for torch 2.8); `losses` as in `step`."""
+        if hasattr(self._class, "eval"):
+            if self._eval is None:
+                self._eval = self._build()
+            if _takes(self._eval.eval, "return_outputs"):
+                self._eval.eval(*args, target=target, losses=losses, return_outputs=False)
+            else:
+                self._eval.eval(*args, target=target, losses=losses)
+            return
+        kept = [p.grad for part in self._parts for p in part.parameters()]
+        with torch.enable_grad():
+            self.step(*args, target=target, losses=losses)
+        for p, grad in zip((p for part in self._parts for p in part.parameters()), kept):
+            p.grad = grad
+        if losses:
+            losses[:] = [loss.detach() for loss in losses]
+
+
+def gloo_sums_for_average(mesh) -> bool:
+    """Whether a reduce-scatter with `ReduceOp.AVG` over the process group of 1-D `mesh` SUMS instead: torch 2.8's
+    gloo does so silently, and FSDP2 reduce-scatters fp32/bf16 gradients with AVG. One tiny collective on CPU
+    meshes of gloo; False elsewhere."""
+    if mesh.device_type != "cpu" or mesh.size() == 1:
+        return False
+    group = mesh.get_group()
+    if torch.distributed.get_backend(group) != "gloo":
+        return False
+    out = torch.empty(1)
+    torch.distributed.reduce_scatter_tensor(out, torch.ones(mesh.size()), op=torch.distributed.ReduceOp.AVG,
+                                            group=group)
+    return bool(out.item() > 1.5)

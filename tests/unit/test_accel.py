@@ -13,8 +13,10 @@ import torch
 
 from zili import accel, cpu
 
-REQUIRED_ROWS = ["a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h800", "h200", "b200", "mi250x", "mi300x",
-                 "gaudi2", "gaudi3", "tpu-v4", "tpu-v5p", "ascend-910", "ascend-910b", "ascend-910c", "cpu"]
+REQUIRED_ROWS = ["a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h100-nvl", "h800", "h800-pcie", "h20", "h200",
+                 "b200", "mi250x", "mi300x", "gaudi2", "gaudi3", "tpu-v4", "tpu-v5p", "ascend-910", "ascend-910b",
+                 "ascend-910b1", "ascend-910b2", "ascend-910b3", "ascend-910b4", "ascend-910c", "ascend-910-939x",
+                 "cpu"]
 FIGURES = ["bf16_tflops", "fp16_tflops", "fp8_tflops", "fp32_tflops", "hbm_gb", "hbm_tbps", "scale_up_gbps",
            "scale_out_gbps"]
 
@@ -45,7 +47,7 @@ def test_peak_comes_from_the_matching_row(monkeypatch):
     monkeypatch.setattr(accel.Accelerator, "chip_name", lambda self: "NVIDIA H100 80GB HBM3")
     assert accel.Accelerator(torch.device("cpu")).peak_flops(torch.bfloat16) == 989e12
     assert accel.chip_row_for("NVIDIA H100 PCIe")["name"] == "h100-pcie"
-    assert accel.chip_row_for("Ascend910B3")["name"] == "ascend-910b"
+    assert accel.chip_row_for("Ascend910B3")["name"] == "ascend-910b3"  # tests/unit/test_chips.py: every name
     assert accel.chip_row_for("Some Unknown Chip") is None
 
 
@@ -112,3 +114,60 @@ def test_cpu_computes_in_bf16_only_where_its_matmuls_are_fast(monkeypatch, capsy
         assert ("no fast bf16 matrix multiply" in capsys.readouterr().err) == (expected == torch.float32)
     finally:
         cpu.bf16_matmul_is_fast.cache_clear()
+
+
+def test_rng_state_has_device_neutral_keys():
+    state = accel.Accelerator(torch.device("cpu")).rng_state()
+    assert set(state) == {"cpu", "device", "device_type"}
+    assert all(t.dtype == torch.uint8 and t.device.type == "cpu" for t in state.values())
+    assert state["device"].numel() == 0 and accel.decode_text(state["device_type"]) == "cpu"
+    assert accel.decode_text(accel.encode_text("privateuseone")) == "privateuseone"
+
+
+class FakeGenerators:
+    """A device module's generator functions, on host memory."""
+
+    def __init__(self):
+        self.restored = []
+
+    def get_rng_state(self, device=None):
+        return torch.arange(16, dtype=torch.uint8)
+
+    def set_rng_state(self, state, device=None):
+        self.restored.append(state)
+
+
+@pytest.mark.parametrize("saved_type,legacy,restored", [("npu", False, True), ("npu", True, True),
+                                                        ("cuda", False, False), ("cuda", True, False),
+                                                        ("cpu", False, False), ("cpu", True, False)])
+def test_device_generator_is_restored_only_on_its_own_device_type(monkeypatch, capsys, saved_type, legacy, restored):
+    """On a (stand-in) NPU: the CPU generator always comes back; the device one only from an NPU-written state, in
+    the current layout or the older one ({"cpu"} from CPU runs, {"cpu", <type>} from accelerator runs)."""
+    fake = FakeGenerators()
+    monkeypatch.setattr(accel, "_module_for", lambda device_type: fake if device_type == "npu" else None)
+    device_state = torch.full((16,), 7, dtype=torch.uint8) if saved_type != "cpu" else torch.empty(0, dtype=torch.uint8)
+    cpu_state = torch.get_rng_state()
+    if legacy:
+        state = {"cpu": cpu_state, **({saved_type: device_state} if saved_type != "cpu" else {})}
+    else:
+        state = {"cpu": cpu_state, "device": device_state, "device_type": accel.encode_text(saved_type)}
+    torch.manual_seed(123)  # moves the CPU generator away from the saved state
+    accel.Accelerator(types.SimpleNamespace(type="npu")).set_rng_state(state)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert [t.tolist() for t in fake.restored] == ([device_state.tolist()] if restored else [])
+    err = capsys.readouterr().err
+    if restored:
+        assert err == ""
+    else:
+        assert len(err.strip().splitlines()) == 1
+        assert err.startswith(f"note: the checkpoint was written on {saved_type} and resumes on npu")
+
+
+def test_rng_note_can_be_silenced(capsys):
+    """Ranks other than 0 restore without printing (the trainer passes warn=is_main())."""
+    state = {"cpu": torch.get_rng_state(), "device": torch.zeros(16, dtype=torch.uint8),
+             "device_type": accel.encode_text("cuda")}
+    accel.Accelerator(torch.device("cpu")).set_rng_state(state, warn=False)
+    assert capsys.readouterr().err == ""
+    accel.Accelerator(torch.device("cpu")).set_rng_state(state)
+    assert "written on cuda and resumes on cpu: its cuda generator state does not apply here" in capsys.readouterr().err

@@ -108,3 +108,56 @@ def test_flash_attention_layout(monkeypatch):
     q, k, v = qkv()
     torch.testing.assert_close(kernels.flash_attention(flash, q, k, v).double(), textbook_attention(q, k, v),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_npu_causal_mask_is_built_once_per_device(monkeypatch):
+    npu = fake_torch_npu([])
+    masks = []
+    fused = npu.npu_fusion_attention
+
+    def recording(*args, atten_mask=None, **kwargs):
+        masks.append(atten_mask)
+        return fused(*args, atten_mask=atten_mask, **kwargs)
+
+    npu.npu_fusion_attention = recording
+    monkeypatch.setattr(kernels, "_npu_causal_masks", {})
+    kernels.npu_attention(npu, *qkv())
+    kernels.npu_attention(npu, *qkv(T=40, seed=1))  # another length: the same compressed mask
+    monkeypatch.setattr(kernels, "_device_type", lambda t: "npu")
+    monkeypatch.setattr(accel, "vendor_ops", lambda device_type: npu if device_type == "npu" else None)
+    kernels.attention(*qkv(seed=2))
+    assert len(masks) == 3 and masks[1] is masks[0] and masks[2] is masks[0]
+    other = kernels.npu_causal_mask(torch.device("meta"))  # another device has its own
+    assert other is not masks[0] and other.device.type == "meta" and other.shape == masks[0].shape
+
+
+def test_compiled_npu_attention_compiles_once_and_reads_the_cached_mask(monkeypatch):
+    def npu_fusion_attention(q, k, v, head_num, input_layout, atten_mask=None, scale=1.0, keep_prob=1.0,
+                             sparse_mode=0):  # the documented math, traceable (no data-dependent checks)
+        rep = q.shape[1] // k.shape[1]
+        scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+        causal = atten_mask[: q.shape[2], : k.shape[2]]
+        return torch.softmax(scores.masked_fill(causal, float("-inf")), -1) @ v.repeat_interleave(rep, 1), None
+
+    npu = types.SimpleNamespace(npu_fusion_attention=npu_fusion_attention)
+    monkeypatch.setattr(kernels, "_npu_causal_masks", {})
+    monkeypatch.setattr(kernels, "_device_type", lambda t: "npu")
+    monkeypatch.setattr(accel, "vendor_ops", lambda device_type: npu if device_type == "npu" else None)
+    graphs = []
+
+    def count(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.compiler.reset()
+    try:
+        compiled = torch.compile(kernels.attention, backend=count)
+        outs = [compiled(*qkv(seed=seed)) for seed in range(3)]
+    finally:
+        torch.compiler.reset()
+    assert len(graphs) == 1  # the mask cache filling up does not recompile
+    assert len(kernels._npu_causal_masks) == 1
+    ops = {str(node.target) for node in graphs[0].graph.nodes}
+    assert not any("ones" in op or "triu" in op for op in ops)  # the mask is read, not rebuilt, in the graph
+    for seed, out in enumerate(outs):
+        torch.testing.assert_close(out.double(), textbook_attention(*qkv(seed=seed)), atol=1e-5, rtol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tabulate import tabulate
@@ -59,7 +60,8 @@ def chart(results: list[dict], png: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(results), 4))
     left.bar(names, [r["tokens_per_s"] for r in results], color="tab:blue")
     left.set_title("training tokens/s")
-    right.bar(names, [100 * r["mfu"] for r in results], color="tab:orange")
+    # a result without a known peak has mfu null: no bar (NaN), its table cell shows "-"
+    right.bar(names, [100 * r["mfu"] if r.get("mfu") is not None else math.nan for r in results], color="tab:orange")
     right.set_title("MFU (% of bf16 peak)")
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=8)

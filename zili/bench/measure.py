@@ -4,7 +4,8 @@ A step is the trainer's own: the model is built through `zili.parallel.apply.par
 `zili.train.step.train_step` exactly as `zili train` does (bf16 autocast, fp32 master weights, fused AdamW
 where available, gradient clipping, non-finite steps skipped). Warm-up steps (and compilation, with `compile`)
 are excluded; the timed steps end with a device synchronisation. FLOPs per token come from the one accountant
-(`zili.models.flops`), peaks from the chip table (`zili.accel`).
+(`zili.models.flops`), peaks from the chip table (`zili.accel`); on an accelerator the table lacks, `peak_tflops` and
+`mfu` are null (unknown) rather than measured against a probe that would overstate MFU.
 
 `a100_ratio` = tokens/s here ÷ the tokens/s an A100-80GB reaches on the same workload at
 `A100_REFERENCE_MFU` of its bf16 peak (chip table): 1.0 means "as fast as a well-run A100".
@@ -12,13 +13,14 @@ are excluded; the timed steps end with a device synchronisation. FLOPs per token
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from zili.accel import chip_row_for, get_accelerator, load_chips
+from zili.accel import get_accelerator, load_chips
 from zili.bench.workloads import WORKLOADS
 from zili.config import Config
 from zili.data.loader import Loader, PackedDataset
@@ -61,10 +63,10 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
             raise UserError(f"{data} has a {dataset.vocab_size}-token vocabulary but {workload} only {args.vocab_size} "
                             "embeddings — prepare the data with a smaller tokenizer")
         loader = Loader(dataset, seq, batch, seed, cfg.data.val_fraction, rank=0, world_size=1)
-        inputs, targets = (t.to(accel.device) for t in loader.next_batch())
+        inputs, targets = (accel.to_device(t) for t in loader.next_batch())
     else:
         gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, args.vocab_size, (batch, seq + 1), generator=gen).to(accel.device)
+        tokens = accel.to_device(torch.randint(0, args.vocab_size, (batch, seq + 1), generator=gen))
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step():
@@ -86,8 +88,9 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
 
     tokens_per_s = steps * batch * seq / seconds
     per_token = flops_per_token(args, seq)
-    peak = accel.peak_flops(compute)
-    row = chip_row_for(accel.chip_name())
+    peak = accel.peak_flops(compute)  # NaN: unknown (an accelerator the chip table lacks; it warned)
+    known = math.isfinite(peak)
+    row = accel.chip_row()
     a100 = load_chips()["a100-80gb"]["bf16_tflops"] * 1e12 * A100_REFERENCE_MFU / per_token
     return {
         "device": accel.chip_name(),
@@ -106,8 +109,8 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
         "step_s": seconds / steps,
         "tokens_per_s": tokens_per_s,
         "tflops": per_token * tokens_per_s / 1e12,
-        "peak_tflops": peak / 1e12,
-        "mfu": per_token * tokens_per_s / peak,
+        "peak_tflops": peak / 1e12 if known else None,
+        "mfu": per_token * tokens_per_s / peak if known else None,
         "peak_mem_gb": accel.peak_memory_gb(),
         "a100_ratio": tokens_per_s / a100,
         "a100_reference_mfu": A100_REFERENCE_MFU,

@@ -33,9 +33,12 @@ from zili.models.args import ModelArgs
 
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) in radians per position, with Llama 3 scaling if asked."""
+    """Inverse frequencies (head_dim/2,) in radians per position, with Llama 3 scaling if asked: fp32, on
+    `device` (default: the CPU). Always computed in float64 on the CPU and only the fp32 result moved: some
+    accelerators have no fp64 arithmetic (Ascend's AI cores: a slow fallback or an error), and a CPU vector of
+    head_dim/2 costs nothing."""
     inv_freq = 1.0 / (args.rope_theta
-                      ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
+                      ** (torch.arange(0, args.head_dim, 2, device="cpu", dtype=torch.float64) / args.head_dim))
     if args.rope_scaling == "llama3":
         low_wavelen = args.rope_original_max_len / args.rope_low_freq_factor
         high_wavelen = args.rope_original_max_len / args.rope_high_freq_factor
@@ -47,14 +50,16 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
         inv_freq = torch.where(wavelen > low_wavelen, inv_freq / args.rope_factor, inv_freq)
         middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
         inv_freq = torch.where(middle, blended, inv_freq)
-    return inv_freq.float()
+    return inv_freq.float() if device is None else inv_freq.float().to(device)
 
 
 def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
-    """cos and sin for every position: (2, max_seq_len, head_dim), fp32, half-split layout."""
-    inv_freq = rope_frequencies(args, device)
+    """cos and sin for every position: (2, max_seq_len, head_dim), fp32, half-split layout, on `device` (default:
+    the default device). Only fp32 arithmetic runs on `device` (the frequencies come from the CPU, see
+    `rope_frequencies`); the table itself is built there, so that a model built on the meta device costs no
+    CPU time for a table of 131072 positions."""
     positions = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq)
+    angles = torch.outer(positions, rope_frequencies(args, positions.device))
     angles = torch.cat([angles, angles], dim=-1)
     return torch.stack([angles.cos(), angles.sin()])
 

@@ -65,6 +65,16 @@ class ParallelModel:
             part.train(mode)
 
 
+def materialize(model, device: torch.device, offload: bool) -> None:
+    """Allocate `model`'s meta tensors (values undefined): on `device`, or with FSDP CPU offload the parameters
+    in host memory — but buffers (the RoPE table) always on `device`, where the forward reads them."""
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    if offload:
+        for module in model.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, name, buffer.to(device))
+
+
 def _dp_mesh(layout: Layout, mesh):
     if layout.dp_replicate > 1:
         return mesh["dp_replicate", "dp_shard"]
@@ -94,10 +104,10 @@ def parallelize(model, cfg: Config, layout: Layout | None = None, mesh=None,
     (e.g. from Hugging Face; see `zili.parallel.init`);
     `loss_fn(logits, targets)` is the pipeline schedule's loss (needed when pp > 1)."""
     layout = layout or Layout()
-    init_device = torch.device("cpu") if cfg.parallelism.fsdp_cpu_offload and layout.fsdp else device
+    offload = cfg.parallelism.fsdp_cpu_offload and layout.fsdp
     if layout.pp == 1:
         transform(model, cfg, layout, mesh, compute_dtype, device.type)
-        model.to_empty(device=init_device)
+        materialize(model, device, offload)
         init_weights(model, seed, initial_value)
         return ParallelModel([model], layout, mesh)
 
@@ -107,7 +117,7 @@ def parallelize(model, cfg: Config, layout: Layout | None = None, mesh=None,
     for stage in ids:
         part = stage_module(model, stage, n_stages)
         transform(part, cfg, layout, mesh, compute_dtype, device.type)
-        part.to_empty(device=init_device)
+        materialize(part, device, offload)
         init_weights(part, seed, initial_value)
         parts.append(part)
     schedule = build_schedule(parts, ids, n_stages, device, mesh["pp"].get_group(), cfg.parallelism.pp_schedule,

@@ -22,13 +22,31 @@ def env_world_size() -> int:
 _device = torch.device("cpu")  # where collectives of small host values run (the process group's device)
 
 
-def init(accel: Accelerator) -> int:
-    """Join the process group if torchrun started several processes; return the world size."""
+def group_options(accel: Accelerator, host_collectives: bool = False) -> dict:
+    """Keyword arguments of `init_process_group` for this process's device: its backend — plus gloo for CPU
+    tensors when `host_collectives` (FSDP CPU offload keeps gradients in host memory, and the gradient norm is
+    reduced over them: "cuda:nccl,cpu:gloo") — and, on an accelerator, the device to bind the group to (NCCL &
+    co. then create communicators at once, and meshes split groups from them)."""
+    backend = accel.backend
+    if host_collectives and accel.type != "cpu":
+        backend = f"{accel.type}:{backend},cpu:gloo"
+    options = {"backend": backend}
+    if accel.type != "cpu":
+        options["device_id"] = accel.device
+    return options
+
+
+def init(accel: Accelerator, host_collectives: bool = False) -> int:
+    """Join the process group if torchrun started several processes (see `group_options`); return the world
+    size."""
     global _device
     _device = accel.device
     world_size = env_world_size()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=accel.backend)
+        dist.init_process_group(**group_options(accel, host_collectives))
+        # every rank past the rendezvous before any goes on: a rank that stops at once (a bad layout is reported
+        # by all) must not take rank 0's store down while a peer still reads from it
+        dist.barrier()
     return world_size
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+from torch.distributed.pipelining.schedules import get_schedule_class
+
+from zili.compat import PipelineSchedule, pipeline_stage
 
 
 def layer_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -55,10 +56,10 @@ def stage_module(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
 
 
 def build_schedule(parts: list[nn.Module], ids: list[int], n_stages: int, device, pp_group, schedule: str,
-                   microbatches: int, loss_fn):
+                   microbatches: int, loss_fn) -> PipelineSchedule:
     """The pipeline schedule running this rank's stages `parts` (materialised) with indices `ids`."""
-    stages = [PipelineStage(part, i, n_stages, device, group=pp_group) for part, i in zip(parts, ids)]
-    cls = get_schedule_class(schedule)
-    if issubclass(cls, PipelineScheduleSingle):
-        return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
-    return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+
+    def make_stages() -> list:
+        return [pipeline_stage(part, i, n_stages, device, pp_group) for part, i in zip(parts, ids)]
+
+    return PipelineSchedule(get_schedule_class(schedule), make_stages, parts, microbatches, loss_fn)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from zili.compat import fused_step_unless
 from zili.models.loss import cross_entropy
 from zili.parallel.apply import ParallelModel
 
@@ -63,7 +64,7 @@ def _pipeline(model: ParallelModel, inputs, targets, autocast, train: bool) -> t
     target = targets if model.has_last_stage else None
     with model.loss_context(), autocast():
         if train:
-            model.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            model.schedule.step(*args, target=target, losses=losses)
         else:
             model.schedule.eval(*args, target=target, losses=losses)
     if not model.has_last_stage:
@@ -119,11 +120,7 @@ def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
 def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """`optimizer.step()` unless `skip` (a 0-dim 0/1 device tensor) is set; then zero the gradients."""
     if optimizer.defaults.get("fused"):
-        optimizer.found_inf = skip  # the fused kernel leaves parameters, moments and step count when it is 1
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
+        fused_step_unless(optimizer, skip)
     elif not bool(skip):  # host sync: only the unfused implementations pay it
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -75,7 +75,7 @@ class Trainer:
         if cfg.parallelism.fsdp_cpu_offload and self.accel.type == "cpu":
             raise UserError("parallelism.fsdp_cpu_offload moves FSDP state from an accelerator to host memory, but "
                             "this run is on the CPU already — set it to false")
-        self.world_size = distributed.init(self.accel)
+        self.world_size = distributed.init(self.accel, host_collectives=cfg.parallelism.fsdp_cpu_offload)
         self.layout = resolve_layout(cfg, self.world_size)
         self.accel.tune_for_training()
         self.dataset = PackedDataset(dataset_dir(cfg))
@@ -150,6 +150,17 @@ class Trainer:
             state[f"rng_{name}"] = value
         return state
 
+    def resume_template(self, path: Path) -> dict[str, torch.Tensor]:
+        """`trainer_state()`'s entries to load from checkpoint `path`, each with the shape it has there: the RNG
+        entries are whichever `rng_*` the checkpoint holds (`rng_cpu` always; `rng_device` and `rng_device_type`,
+        or a device-typed key from before them), shaped as saved — a device generator's state has its own size
+        per device type, and the checkpoint may come from another type than this run's."""
+        template = {k: v for k, v in self.trainer_state().items() if not k.startswith("rng_") or k == "rng_cpu"}
+        for name, (shape, dtype) in checkpoint.saved_tensors(path, "trainer.").items():
+            if name.startswith("rng_") and name != "rng_cpu":
+                template[name] = torch.empty(shape, dtype=dtype)
+        return template
+
     def save(self) -> None:
         self.check_skips()  # a run past its skip limit writes nothing more: the last good checkpoint stays
         meta = {"zili_version": __version__, "model": self.args.to_dict(), "layout": self.layout.describe()}
@@ -173,12 +184,13 @@ class Trainer:
                 raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — "
                                 "pass a step-NNNNNNN directory or 'auto'")
         checkpoint.check_compatible(path, self.args.to_dict())
-        state = checkpoint.load(path, self.model.parts, self.optimizers, self.trainer_state(),
+        state = checkpoint.load(path, self.model.parts, self.optimizers, self.resume_template(path),
                                 optional=("skipped_steps",))  # checkpoints from before skipping existed
         self.step = int(state["step"])
         self.loader.load_state_dict({"position": int(state["loader_position"]), "epoch": int(state["loader_epoch"])})
         self.skipped_steps.fill_(float(state.get("skipped_steps", 0)))
-        self.accel.set_rng_state({k[4:]: v for k, v in state.items() if k.startswith("rng_")})
+        self.accel.set_rng_state({k[4:]: v for k, v in state.items() if k.startswith("rng_")},
+                                 warn=distributed.is_main())
         if distributed.is_main():
             print(f"resumed from {path} at step {self.step}")
 
@@ -202,7 +214,7 @@ class Trainer:
         total = torch.zeros((), device=self.accel.device)
         count = 0
         for inputs, targets in self.loader.val_batches(self.cfg.training.eval_batches):
-            inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
+            inputs, targets = self.accel.to_device(inputs), self.accel.to_device(targets)
             total += forward_backward(self.model, inputs, targets, micro_batch=inputs.shape[0],
                                       autocast=self.autocast, train=False)
             count += 1
@@ -211,7 +223,7 @@ class Trainer:
 
     def train_step(self, inputs, targets) -> StepResult:
         """One step of the ONE train step (zili.train.step), then the skip counters."""
-        inputs, targets = inputs.to(self.accel.device), targets.to(self.accel.device)
+        inputs, targets = self.accel.to_device(inputs), self.accel.to_device(targets)
         t = self.cfg.training
         result = train_step(self.model, self.optimizers, inputs, targets, autocast=self.autocast,
                             micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip)
