@@ -1,7 +1,7 @@
 """zili (自立): train large language models on any accelerator with PyTorch's own distributed engine.
 
 Importing zili checks the torch it runs on first: below `TORCH_FLOOR` (see docs/accelerators.md, "PyTorch
-versions", for why 2.8) it prints one line and exits with status 2.
+versions", for why 2.9) it prints one line and exits with status 2.
 """
 
 import re
@@ -10,7 +10,7 @@ import sys
 import torch
 
 __version__ = "0.1.0"
-TORCH_FLOOR = (2, 8)  # keep equal to pyproject's `torch>=` bound
+TORCH_FLOOR = (2, 9)  # keep equal to pyproject's `torch>=` bound
 
 
 def torch_release(version: str) -> tuple[int, int]:

@@ -10,9 +10,8 @@ API only; when torch moves or changes a private name, this file is what to fix.
 - `PipelineSchedule`: a `torch.distributed.pipelining` schedule driven the same way on every torch in the range.
 - `fused_step_unless`: a fused optimizer step skipped on the device (GradScaler's `found_inf` protocol).
 - `pipeline_stage`: a `PipelineStage` whose first-step handshake has matching sizes on every torch.
-- `gloo_sums_for_average`: whether FSDP2's averaging reduce-scatter sums on this torch's gloo (2.8).
 
-Differences between the torch releases in the declared range (2.8 to 2.13) are detected by feature — does the
+Differences between the torch releases in the declared range (2.9 to 2.13) are detected by feature — does the
 function take this argument, does the class have this method — not by version number, so a vendor build that
 backports a feature gets it. The table of what differs is in docs/accelerators.md.
 """
@@ -146,24 +145,21 @@ def pipeline_stage(module: torch.nn.Module, index: int, n_stages: int, device: t
 class PipelineSchedule:
     """A `torch.distributed.pipelining` schedule with one behaviour on every torch in zili's range.
 
-    `make_stages()` returns this rank's `PipelineStage`s (fresh objects on each call, over the modules `parts`);
+    `make_stages()` returns this rank's `PipelineStage`s (fresh objects on each call, over the same modules);
     `schedule_class` is e.g. `Schedule1F1B`; `loss_fn(output, target)` is the mean loss of one micro-batch.
     `step` runs forward and backward and leaves in the parameters' `.grad` the gradient of the MEAN of the
-    micro-batch losses; `eval` leaves the gradients as they were. Both put the per-micro-batch losses into
-    `losses` on the rank holding the last stage.
+    micro-batch losses; `eval` runs forward only. Both put the per-micro-batch losses into `losses` on the rank
+    holding the last stage.
 
-    - torch >= 2.10: the last stage's outputs are dropped (`return_outputs=False`); before, torch keeps them
-      until the step ends.
-    - torch >= 2.9 evaluates forward only, on stages of its own built at the first `eval`: up to torch 2.12 a
-      stage first run forward-only keeps receive buffers without gradients, and its next training step fails
-      ("has gradients None").
-    - torch 2.8 has no forward-only schedule that computes a loss (the loss-free one runs backward bookkeeping
-      and fails): `eval` runs a training step there and discards its gradients, at the cost of a backward pass.
+    - torch >= 2.10: the last stage's outputs are dropped (`return_outputs=False`); torch 2.9 keeps them until
+      the step ends.
+    - Evaluation runs on stages of its own, built at the first `eval`: up to torch 2.12 a stage first run
+      forward-only keeps receive buffers without gradients, and its next training step fails ("has gradients
+      None").
     """
 
-    def __init__(self, schedule_class, make_stages, parts, microbatches: int, loss_fn):
-        self._class, self._make_stages, self._parts = schedule_class, make_stages, parts
-        self._n, self._loss_fn = microbatches, loss_fn
+    def __init__(self, schedule_class, make_stages, microbatches: int, loss_fn):
+        self._class, self._make_stages, self._n, self._loss_fn = schedule_class, make_stages, microbatches, loss_fn
         self._train = self._build()
         self._eval = None
 
@@ -172,42 +168,19 @@ class PipelineSchedule:
         first = stages[0] if issubclass(self._class, PipelineScheduleSingle) else stages
         return self._class(first, n_microbatches=self._n, loss_fn=self._loss_fn, scale_grads=True)
 
+    @staticmethod
+    def _run(method, args, target, losses) -> None:
+        if _takes(method, "return_outputs"):
+            method(*args, target=target, losses=losses, return_outputs=False)
+        else:
+            method(*args, target=target, losses=losses)
+
     def step(self, *args, target=None, losses: list | None = None) -> None:
         """Forward and backward of one local batch (`args` only on the rank holding the first stage)."""
-        if _takes(self._train.step, "return_outputs"):
-            self._train.step(*args, target=target, losses=losses, return_outputs=False)
-        else:
-            self._train.step(*args, target=target, losses=losses)
+        self._run(self._train.step, args, target, losses)
 
     def eval(self, *args, target=None, losses: list | None = None) -> None:
-        """Forward only (see the class doc for torch 2.8); `losses` as in `step`."""
-        if hasattr(self._class, "eval"):
-            if self._eval is None:
-                self._eval = self._build()
-            if _takes(self._eval.eval, "return_outputs"):
-                self._eval.eval(*args, target=target, losses=losses, return_outputs=False)
-            else:
-                self._eval.eval(*args, target=target, losses=losses)
-            return
-        kept = [p.grad for part in self._parts for p in part.parameters()]
-        with torch.enable_grad():
-            self.step(*args, target=target, losses=losses)
-        for p, grad in zip((p for part in self._parts for p in part.parameters()), kept):
-            p.grad = grad
-        if losses:
-            losses[:] = [loss.detach() for loss in losses]
-
-
-def gloo_sums_for_average(mesh) -> bool:
-    """Whether a reduce-scatter with `ReduceOp.AVG` over the process group of 1-D `mesh` SUMS instead: torch 2.8's
-    gloo does so silently, and FSDP2 reduce-scatters fp32/bf16 gradients with AVG. One tiny collective on CPU
-    meshes of gloo; False elsewhere."""
-    if mesh.device_type != "cpu" or mesh.size() == 1:
-        return False
-    group = mesh.get_group()
-    if torch.distributed.get_backend(group) != "gloo":
-        return False
-    out = torch.empty(1)
-    torch.distributed.reduce_scatter_tensor(out, torch.ones(mesh.size()), op=torch.distributed.ReduceOp.AVG,
-                                            group=group)
-    return bool(out.item() > 1.5)
+        """Forward only; `losses` as in `step`."""
+        if self._eval is None:
+            self._eval = self._build()
+        self._run(self._eval.eval, args, target, losses)

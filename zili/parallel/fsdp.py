@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from zili.compat import gloo_sums_for_average
-
 
 def apply_fsdp(model, dp_mesh, compute_dtype: torch.dtype, cpu_offload: bool, reshard_after_forward: bool) -> None:
     """Shard `model` over `dp_mesh` in place, block by block, then the root."""
@@ -29,10 +27,3 @@ def apply_fsdp(model, dp_mesh, compute_dtype: torch.dtype, cpu_offload: bool, re
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
-    shard_mesh = dp_mesh["dp_shard"] if dp_mesh.ndim > 1 else dp_mesh
-    if gloo_sums_for_average(shard_mesh):
-        # the hook sees the shard after the reduce-scatter (and HSDP's all-reduce, which does average): make the
-        # summed gradient the mean FSDP promises
-        size = shard_mesh.size()
-        for unit in [*blocks, model]:
-            unit.set_all_reduce_hook(lambda grad: grad.div_(size))

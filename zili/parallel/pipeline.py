@@ -62,4 +62,4 @@ def build_schedule(parts: list[nn.Module], ids: list[int], n_stages: int, device
     def make_stages() -> list:
         return [pipeline_stage(part, i, n_stages, device, pp_group) for part, i in zip(parts, ids)]
 
-    return PipelineSchedule(get_schedule_class(schedule), make_stages, parts, microbatches, loss_fn)
+    return PipelineSchedule(get_schedule_class(schedule), make_stages, microbatches, loss_fn)
