@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,6 +91,7 @@ def run_peer(workload: str, device: str = "cuda", dtype: str = "bf16", batch: in
     import transformers
 
     from zili.accel import get_accelerator
+    from zili.bench.measure import time_steps
     from zili.bench.workloads import WORKLOADS
     from zili.config import OptimizerConfig
     from zili.models.flops import flops_per_token, param_counts
@@ -122,16 +122,7 @@ def run_peer(workload: str, device: str = "cuda", dtype: str = "bf16", batch: in
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    first_loss = float(step())
-    for _ in range(warmup - 1):
-        step()
-    accel.synchronize()
-    accel.reset_peak_memory()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    accel.synchronize()
-    seconds = time.perf_counter() - start
+    first_loss, loss, seconds = time_steps(step, steps, warmup, accel)
 
     tokens_per_s = steps * batch * seq / seconds
     per_token = flops_per_token(args, seq)

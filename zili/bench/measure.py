@@ -34,6 +34,22 @@ from zili.train.step import lm_loss, train_step
 A100_REFERENCE_MFU = 0.5  # dense bf16 LLM training on A100s commonly reaches 0.4-0.55 (Megatron-LM, PaLM papers)
 
 
+def time_steps(step, steps: int, warmup: int, accel) -> tuple[float, torch.Tensor, float]:
+    """Run `step()` (returns the loss) `warmup` times untimed — at least once: the first step's loss is returned —
+    then reset the peak memory and time `steps` more, between device synchronisations. Returns (first loss,
+    last loss as a device tensor, seconds of the timed steps). zili bench and its peers measure alike."""
+    first_loss = float(step())
+    for _ in range(warmup - 1):
+        step()
+    accel.synchronize()
+    accel.reset_peak_memory()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    accel.synchronize()
+    return first_loss, loss, time.perf_counter() - start
+
+
 def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "auto", dtype: str = "bf16",
               batch: int | None = None, seq: int | None = None, compile: bool = False, seed: int = 0,
               data: str | None = None) -> dict:
@@ -73,16 +89,7 @@ def run_bench(workload: str, steps: int = 10, warmup: int = 2, device: str = "au
         return train_step(model, optimizers, inputs, targets, micro_batch=batch,
                           autocast=lambda: accel.autocast(compute), grad_clip=cfg.training.grad_clip).loss
 
-    first_loss = float(step())
-    for _ in range(warmup - 1):
-        step()
-    accel.synchronize()
-    accel.reset_peak_memory()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    accel.synchronize()
-    seconds = time.perf_counter() - start
+    first_loss, loss, seconds = time_steps(step, steps, warmup, accel)
     if not torch.isfinite(loss):
         raise UserError(f"the loss became {float(loss)} — the device's {dtype} arithmetic is not usable here")
 
