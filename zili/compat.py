@@ -10,6 +10,7 @@ API only; when torch moves or changes a private name, this file is what to fix.
 - `PipelineSchedule`: a `torch.distributed.pipelining` schedule driven the same way on every torch in the range.
 - `fused_step_unless`: a fused optimizer step skipped on the device (GradScaler's `found_inf` protocol).
 - `pipeline_stage`: a `PipelineStage` whose first-step handshake has matching sizes on every torch.
+- `grouped_mm`: one matrix multiply per group of rows (mixture-of-experts), public from torch 2.10.
 
 Differences between the torch releases in the declared range (2.9 to 2.13) are detected by feature — does the
 function take this argument, does the class have this method — not by version number, so a vendor build that
@@ -108,6 +109,16 @@ def clear_sharding_cache() -> None:
     cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding
     # torch <= 2.10: an lru_cache, or (2.6) a thread-local holder of one
     (cached.cache_clear if hasattr(cached, "cache_clear") else cached.cache.cache_clear)()
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows `a`, cut into groups by the cumulative row counts `offs` (int32, one per group), each times
+    its own (K, N) matrix of `b` (G, K, N): (M, N). `torch.nn.functional.grouped_mm` where torch has it, else
+    the private `torch._grouped_mm` behind it (torch 2.9)."""
+    public = getattr(torch.nn.functional, "grouped_mm", None)
+    if public is not None:
+        return public(a, b, offs=offs)
+    return torch._grouped_mm(a, b, offs=offs)
 
 
 def fused_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:

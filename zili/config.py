@@ -115,6 +115,12 @@ class ParallelismConfig:
     fsdp_cpu_offload: bool = _f(False, "keep FSDP-sharded parameters, gradients and optimizer state in host memory")
 
 
+@dataclass
+class MoEConfig:
+    bias_update_rate: float = _f(0.001, "step of the expert-balancing bias after each optimizer step (sigmoid "
+                                        "routing, DeepSeek-V3); 0 = off")
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -123,6 +129,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "metrics": MetricsConfig,
     "parallelism": ParallelismConfig,
+    "moe": MoEConfig,
 }
 
 
@@ -135,6 +142,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def to_toml(self) -> str:
         """The config as TOML (keys left at None, i.e. "the preset's", are omitted)."""

@@ -1,12 +1,13 @@
 """ModelArgs: the one description of a decoder architecture, shared by the trainer, the FLOPs accountant
 and the planner.
 
-The trainer builds the Llama 3 / Qwen2 block (SwiGLU MLP, no dropout, no experts). The planner also describes
-architectures the trainer does not build yet, through the same type: `mlp = "gelu"` (the GPT block: h -> ffn ->
-h through GELU), `dropout = True` (dropout masks stored, as the GPT-3-era Megatron-LM runs did) and
-mixture-of-experts layers (`n_routed_experts > 0`: `top_k` of them plus `n_shared_experts` per token, each an
-MLP of width `moe_ffn_dim`; the first `n_dense_layers` blocks keep a dense MLP). `buildable_problem()` says
-what the trainer cannot build.
+The trainer builds the Llama 3 / Qwen2 block (SwiGLU MLP, no dropout) and its mixture-of-experts variant
+(`n_routed_experts > 0`: `top_k` routed experts plus `n_shared_experts` per token, each a SwiGLU of width
+`moe_ffn_dim`, routed as `score_func`, `n_group`, `topk_group`, `norm_topk_prob` and `routed_scaling_factor` say —
+see zili.models.moe; the first `n_dense_layers` blocks keep a dense MLP). The planner also describes
+architectures the trainer does not build, through the same type: `mlp = "gelu"` (the GPT block: h -> ffn -> h
+through GELU) and `dropout = True` (dropout masks stored, as the GPT-3-era Megatron-LM runs did).
+`buildable_problem()` says what the trainer cannot build.
 
 All sizes are counts (layers, heads, features, tokens); nothing here allocates memory.
 """
@@ -44,6 +45,13 @@ class ModelArgs:
     top_k: int = 0
     moe_ffn_dim: int = 0
     n_dense_layers: int = 0
+    # routing (zili.models.moe): "softmax" top-k (Qwen3-MoE, Mixtral) or "sigmoid" scores with group-limited
+    # top-k — the best `topk_group` of `n_group` expert groups — and a balancing bias (DeepSeek-V3)
+    score_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True  # the top-k weights renormalised to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
 
     @property
     def head_dim(self) -> int:
@@ -80,14 +88,24 @@ class ModelArgs:
                 raise UserError("a mixture-of-experts model needs 0 < top_k <= n_routed_experts and moe_ffn_dim > 0")
             if self.n_dense_layers >= self.n_layers:
                 raise UserError(f"n_dense_layers ({self.n_dense_layers}) leaves no expert layers — lower it")
+            if self.score_func not in ("softmax", "sigmoid"):
+                raise UserError(f"model.score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+            if self.n_group < 1 or self.n_routed_experts % self.n_group:
+                raise UserError(f"model.n_routed_experts ({self.n_routed_experts}) must divide into model.n_group "
+                                f"({self.n_group}) equal groups — pick n_group among its divisors")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise UserError(f"model.topk_group ({self.topk_group}) must be between 1 and model.n_group "
+                                f"({self.n_group})")
+            reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+            if self.top_k > reachable:
+                raise UserError(f"model.top_k ({self.top_k}) exceeds the {reachable} experts in the "
+                                f"{self.topk_group} groups a token may use — lower top_k or raise topk_group")
         return self
 
     def buildable_problem(self) -> str | None:
         """Why zili's Transformer cannot build this architecture yet (None if it can)."""
         if self.mlp != "swiglu":
             return f"zili's model has SwiGLU MLPs, not {self.mlp!r} (that architecture is for `zili plan` only)"
-        if self.is_moe:
-            return "zili's model has no mixture-of-experts layers yet (n_routed_experts > 0 is for `zili plan` only)"
         if self.dropout:
             return "zili's model has no dropout (dropout = true is for `zili plan` only)"
         return None

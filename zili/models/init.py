@@ -127,7 +127,7 @@ def init_std(name: str, n_layers: int) -> float | None:
     """The standard deviation parameter `name` (canonical) draws with, or None for the constant ones."""
     if name.endswith(("norm.weight", ".bias")):
         return None
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.w_down")):
         return 0.02 / math.sqrt(2 * n_layers)
     return 0.02
 

@@ -18,6 +18,12 @@ _LLAMA31_SCALING = dict(rope_scaling="llama3", rope_factor=8.0, rope_low_freq_fa
 PRESETS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(n_layers=4, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=768, vocab_size=0,
                       rope_theta=10000.0, tied_embeddings=True, max_seq_len=1024),
+    # `tiny` with DeepSeek-V3's feed-forward: a dense first block, then 16 routed experts (4 groups, 2 of them
+    # eligible per token, top 4, sigmoid scores with the balancing bias) and one shared expert
+    "tiny-moe": ModelArgs(n_layers=4, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=768, vocab_size=0,
+                          rope_theta=10000.0, tied_embeddings=True, max_seq_len=1024, n_routed_experts=16,
+                          n_shared_experts=1, top_k=4, moe_ffn_dim=192, n_dense_layers=1, score_func="sigmoid",
+                          n_group=4, topk_group=2, routed_scaling_factor=2.5),
     # Qwen2 (Qwen Team 2024, config.json of Qwen/Qwen2-*): 0.494 B, 1.544 B, 7.616 B, 72.71 B parameters.
     "qwen2-0.5b": ModelArgs(n_layers=24, dim=896, n_heads=14, n_kv_heads=2, ffn_dim=4864, vocab_size=151936,
                             tied_embeddings=True, **_QWEN2),

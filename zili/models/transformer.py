@@ -30,6 +30,7 @@ from torch import nn
 from zili import kernels
 from zili.models import init
 from zili.models.args import ModelArgs
+from zili.models.moe import MoE
 
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
@@ -149,7 +150,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = SwiGLU(args.dim, args.ffn_dim)
+        if args.is_moe and layer >= args.n_dense_layers:
+            shared = SwiGLU(args.dim, args.n_shared_experts * args.moe_ffn_dim) if args.n_shared_experts else None
+            self.mlp = MoE(args, shared)
+        else:
+            self.mlp = SwiGLU(args.dim, args.ffn_dim)
 
     def forward(self, x, rope, cache: KVCache | None = None, start_pos: int = 0):
         x = x + self.attn(self.attn_norm(x), rope, cache, self.layer, start_pos)
@@ -192,9 +197,23 @@ class Transformer(nn.Module):
         return init.initial_value(name, shape, seed, self.args.n_layers, offsets, sizes, device)
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Set every parameter to its `initial_value` and recompute the RoPE table, e.g. after `to_empty`.
-        (Sharded parameters are initialised shard by shard by `zili.parallel.init.init_weights` instead.)"""
+    def init_buffers(self) -> None:
+        """The buffers' starting values (after `to_empty` they hold garbage): the RoPE table, and for expert
+        layers a zero balancing bias and load count."""
         self.rope.copy_(rope_table(self.args, device=self.rope.device))
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.gate.e_score_correction_bias.zero_()
+                module.tokens_per_expert.zero_()
+
+    def expert_layers(self) -> list[MoE]:
+        """The mixture-of-experts feed-forwards of this model (part)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Set every parameter to its `initial_value` and the buffers to theirs (`init_buffers`), e.g. after
+        `to_empty`. (Sharded parameters are initialised shard by shard by `zili.parallel.init.init_weights`.)"""
+        self.init_buffers()
         for name, p in self.named_parameters():
             p.copy_(self.initial_value(canonical_name(name), p.shape, seed, device=p.device))

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from zili.compat import local_region
 from zili.models.init import full_region
-from zili.models.transformer import canonical_name, rope_table
+from zili.models.transformer import canonical_name
 
 
 def shard_region(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -35,7 +35,7 @@ def shard_region(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 @torch.no_grad()
 def init_weights(model, seed: int, initial_value=None) -> None:
     """Give every parameter of `model` this rank's part of its initial value (see the module doc)."""
-    model.rope.copy_(rope_table(model.args, device=model.rope.device))
+    model.init_buffers()
     for name, p in model.named_parameters():
         name = canonical_name(name)
         local = p.to_local() if isinstance(p, DTensor) else p

@@ -136,6 +136,9 @@ def trainer_problem(layout: Layout, args: ModelArgs) -> str | None:
     if layout.tp > 1 and args.vocab_size % layout.tp:
         return (f"tp={layout.tp} does not divide the model's vocab_size ({args.vocab_size}) — the embedding and the "
                 "head are split by vocabulary rows: choose a tp that divides it")
+    if args.is_moe and layout.world_size > 1:
+        return ("zili trains mixture-of-experts models on one device for now (expert and data parallelism of "
+                "expert layers come next) — run a single process")
     if layout.pp > 1 and args.tied_embeddings:
         return ("pipeline parallelism needs an output head of its own (the embedding lives on the first stage) — "
                 "set model.tied_embeddings=false or pp=1")

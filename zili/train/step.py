@@ -134,11 +134,26 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     skipped: torch.Tensor
+    expert_load: torch.Tensor | None = None  # max over expert layers of busiest expert's tokens ÷ mean; None: dense
+
+
+def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) -> torch.Tensor | None:
+    """After an optimizer step: the step's expert load (max over this rank's expert layers of busiest ÷ mean,
+    0-dim device tensor; None for a dense model), then each sigmoid-routed layer's balancing-bias update by
+    `rate` — none when the step was skipped — and the load counts restarted."""
+    layers = [layer for part in model.parts if hasattr(part, "expert_layers") for layer in part.expert_layers()]
+    if not layers:
+        return None
+    load = torch.stack([layer.load_imbalance() for layer in layers]).max()
+    for layer in layers:
+        step = rate * (1 - skipped) if layer.args.score_func == "sigmoid" else 0.0
+        layer.update_bias(step)
+    return load
 
 
 def train_step(model: ParallelModel, optimizers: list[torch.optim.Optimizer], inputs: torch.Tensor,
                targets: torch.Tensor, *, micro_batch: int, autocast: Callable[[], AbstractContextManager],
-               grad_clip: float) -> StepResult:
+               grad_clip: float, bias_update_rate: float = 0.0) -> StepResult:
     """One optimizer step on this rank's batch `inputs`/`targets` (B, T): forward/backward (see
     `forward_backward`), global-norm clipping to `grad_clip` (0 = off), then each part's optimizer steps —
     unless the loss or the gradient norm is not finite anywhere, in which case no parameter changes."""
@@ -147,4 +162,4 @@ def train_step(model: ParallelModel, optimizers: list[torch.optim.Optimizer], in
     skipped = nonfinite(loss, grad_norm)
     for optimizer in optimizers:
         optimizer_step(optimizer, skipped)
-    return StepResult(loss, grad_norm, skipped)
+    return StepResult(loss, grad_norm, skipped, balance_experts(model, bias_update_rate, skipped))

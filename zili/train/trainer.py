@@ -226,7 +226,8 @@ class Trainer:
         inputs, targets = self.accel.to_device(inputs), self.accel.to_device(targets)
         t = self.cfg.training
         result = train_step(self.model, self.optimizers, inputs, targets, autocast=self.autocast,
-                            micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip)
+                            micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip,
+                            bias_update_rate=self.cfg.moe.bias_update_rate)
         self.skipped_steps += result.skipped
         self.skip_streak = (self.skip_streak + 1) * result.skipped
         reached = (self.streak_limit_step == 0) & (self.skip_streak >= t.max_skipped_steps)
@@ -304,6 +305,8 @@ class Trainer:
                     timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
                     if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
                         record["val_loss"] = self.validate()
+                    if result.expert_load is not None:  # this step's, busiest expert ÷ mean, worst layer
+                        record["expert_load"] = float(result.expert_load)
                     if cfg.metrics.log_sequence_ids:
                         record["sequence_ids"] = self.global_batch_ids()
                     log.write(record)
