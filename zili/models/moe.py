@@ -106,10 +106,12 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
         if self.training:  # the load that balancing answers to: training tokens only
             self.tokens_per_expert += counts.detach()
-        token = order // self.args.top_k
-        out_rows = self.experts(x[token], counts)
-        out_rows = out_rows * weights.flatten()[order, None].to(out_rows.dtype)
-        out = torch.zeros_like(x, dtype=out_rows.dtype).index_add_(0, token, out_rows)
+        k = self.args.top_k
+        # every index of `order` is distinct, so neither direction accumulates: sums over a token's k experts
+        # happen in a fixed order (a scatter-add would make them depend on thread timing)
+        rows = x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[-1])[order]
+        out_rows = self.experts(rows, counts) * weights.flatten()[order, None].to(rows.dtype)
+        out = torch.empty_like(out_rows).index_copy_(0, order, out_rows).view(-1, k, x.shape[-1]).sum(dim=1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.reshape(shape)
