@@ -100,10 +100,6 @@ def test_schedule_scales_drops_outputs_where_it_can_and_evaluates_on_stages_of_i
     assert torch.allclose(torch.stack(losses), _micro_losses(inputs, targets))
 
 
-def test_sharding_cache_clears_on_this_torch():
-    compat.clear_sharding_cache()  # the private function moved in torch 2.11: whichever exists is found
-
-
 @pytest.mark.parametrize("version,release", [("2.6.0+cu124", (2, 6)), ("2.9.0a0+git1a2b", (2, 9)),
                                              ("2.13.0", (2, 13)), ("10.1", (10, 1))])
 def testtorch_release_parsing(version, release):
