@@ -74,16 +74,19 @@ def use_matmul_attention(q: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and B * H * T * T <= MATMUL_ATTENTION_MAX_SCORES
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + causal mask) v, in q's dtype, with plain batched matmuls.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 256,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(scale q k^T + causal mask) v (scale defaults to 1/sqrt(d)), in q's dtype, with plain batched
+    matmuls.
 
-    q (B, H, T, d); k, v (B, KV, T, d). The H/KV query heads sharing a KV head are stacked into one matrix,
-    so keys and values are never repeated. Queries go in blocks of `block` positions, each against the keys
+    q (B, H, T, d); k (B, KV, T, d); v (B, KV, T, dv). The H/KV query heads sharing a KV head are stacked into
+    one matrix, so keys and values are never repeated. Queries go in blocks of `block` positions, each against the keys
     up to its last position only, which skips most of the masked upper triangle."""
     B, H, T, d = q.shape
-    kv = k.shape[1]
+    kv, dv = k.shape[1], v.shape[-1]
     group = H // kv
-    k, v = k.reshape(B * kv, T, d), v.reshape(B * kv, T, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k, v = k.reshape(B * kv, T, d), v.reshape(B * kv, T, dv)
     future = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
     outs = []
     with torch.autocast(q.device.type, enabled=False):  # all in q's dtype; softmax accumulates in fp32
@@ -91,8 +94,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
             t1 = min(T, t0 + block)
             q_block = q[:, :, t0:t1].reshape(B * kv, group * (t1 - t0), d)
             mask = future[t0:t1, :t1].repeat(group, 1)
-            scores = torch.baddbmm(mask, q_block, k[:, :t1].transpose(1, 2), alpha=1.0 / math.sqrt(d))
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1]).view(B, H, t1 - t0, d))
+            scores = torch.baddbmm(mask, q_block, k[:, :t1].transpose(1, 2), alpha=scale)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1]).view(B, H, t1 - t0, dv))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 

@@ -72,7 +72,7 @@ def fused_sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool)
     return _gqa_verdicts[key]
 
 
-def sdpa_attention(q, k, v, mask=None, causal: bool = True) -> torch.Tensor:
+def sdpa_attention(q, k, v, mask=None, causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """The fallback: PyTorch's scaled_dot_product_attention. Grouped-query attention goes in as it is
     (`enable_gqa`) where a fused kernel reads each KV head for its H/KV query heads (`fused_sdpa_takes_gqa`), so
     no copy of K and V at query-head width is made, nor kept for backward; elsewhere KV heads are repeated
@@ -83,7 +83,7 @@ def sdpa_attention(q, k, v, mask=None, causal: bool = True) -> torch.Tensor:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None and q.shape[2] > 1,
-                                          enable_gqa=gqa)
+                                          scale=scale, enable_gqa=gqa)
 
 
 _npu_causal_masks: dict[torch.device, torch.Tensor] = {}
@@ -108,16 +108,18 @@ def npu_causal_mask(device: torch.device) -> torch.Tensor:
     return _npu_causal_masks[device]
 
 
-def npu_attention(npu, q, k, v) -> torch.Tensor:
+def npu_attention(npu, q, k, v, scale: float | None = None) -> torch.Tensor:
     """Causal attention through torch_npu's fused kernel (BNSD layout; GQA native)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = npu.npu_fusion_attention(q, k, v, q.shape[1], "BNSD", atten_mask=npu_causal_mask(q.device),
-                                   scale=1.0 / math.sqrt(q.shape[-1]), keep_prob=1.0, sparse_mode=2)
+                                   scale=scale, keep_prob=1.0, sparse_mode=2)
     return out[0]
 
 
-def flash_attention(flash, q, k, v) -> torch.Tensor:
+def flash_attention(flash, q, k, v, scale: float | None = None) -> torch.Tensor:
     """Causal attention through flash-attn (B, T, H, d layout; GQA native)."""
-    return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    extra = {} if scale is None else {"softmax_scale": scale}
+    return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **extra).transpose(1, 2)
 
 
 _flash_fn = None  # flash-attn's function once looked up (None: not installed, or it does not import)
@@ -163,18 +165,21 @@ def _device_type(t: torch.Tensor) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = True) -> torch.Tensor:
-    """Attention output (B, H, T, d). `mask` (T, S) bool, True = may attend, replaces the causal mask."""
+              causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Attention output (B, H, T, dv) for q (B, H, T, d), k (B, KV, S, d), v (B, KV, S, dv). `mask` (T, S) bool,
+    True = may attend, replaces the causal mask; `scale` multiplies q·k (default 1/sqrt(d)). The fused vendor
+    kernels are used where values have the head size of queries and keys (MLA's do not: SDPA then)."""
     device = _device_type(q)
     plain_causal = mask is None and causal and q.shape[2] > 1 and q.shape[2] == k.shape[2]
-    if plain_causal and device == "npu" and (npu := accel.vendor_ops("npu")) is not None:
-        return npu_attention(npu, q, k, v)
-    if (plain_causal and device == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+    same_head_size = v.shape[-1] == q.shape[-1]
+    if plain_causal and same_head_size and device == "npu" and (npu := accel.vendor_ops("npu")) is not None:
+        return npu_attention(npu, q, k, v, scale)
+    if (plain_causal and same_head_size and device == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
             and flash_works(q.device, q.dtype)):
-        return flash_attention(_flash_fn, q, k, v)
+        return flash_attention(_flash_fn, q, k, v, scale)
     if plain_causal and device == "cpu" and cpu.use_matmul_attention(q):
-        return cpu.causal_attention(q, k, v)
-    return sdpa_attention(q, k, v, mask, causal)
+        return cpu.causal_attention(q, k, v, scale=scale)
+    return sdpa_attention(q, k, v, mask, causal, scale)
 
 
 def _whole_rows(x: DTensor) -> list:

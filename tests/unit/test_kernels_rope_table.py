@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zili.models.args import ModelArgs
-from zili.models.transformer import Transformer, rope_table
+from zili.models.rope import rope_table
+from zili.models.transformer import Transformer
 from zili.parallel.init import init_weights
 
 

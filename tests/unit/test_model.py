@@ -8,7 +8,8 @@ from zili.infer.generate import generate
 from zili.models.args import ModelArgs
 from zili.models.flops import flops_per_token, matmul_params, param_counts
 from zili.models.presets import PRESETS, get_preset
-from zili.models.transformer import KVCache, Transformer, rope_frequencies
+from zili.models.rope import rope_frequencies
+from zili.models.transformer import KVCache, Transformer
 
 PUBLISHED = {  # parameters of the released checkpoints
     "qwen2-0.5b": 0.494e9, "qwen2-1.5b": 1.544e9, "qwen2-7b": 7.616e9, "qwen2-72b": 72.71e9,

@@ -30,7 +30,8 @@ def build(args: ModelArgs, seed: int = 0) -> moe.MoE:
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-        layer.gate.e_score_correction_bias.copy_(torch.randn(args.n_routed_experts) * 0.1)
+        if args.score_func == "sigmoid":
+            layer.gate.e_score_correction_bias.copy_(torch.randn(args.n_routed_experts) * 0.1)
     return layer
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from zili.models.transformer import KVCache, Transformer
+from zili.models.transformer import Transformer
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -42,7 +42,7 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_i
     dtype = next(model.parameters()).dtype
     generator = torch.Generator(device="cpu").manual_seed(seed)
     budget = min(max_new_tokens, model.args.max_seq_len - len(prompt_ids))
-    cache = KVCache(model.args, 1, len(prompt_ids) + max(budget, 0), device, dtype) if use_cache else None
+    cache = model.new_cache(1, len(prompt_ids) + max(budget, 0), device, dtype) if use_cache else None
     ids = list(prompt_ids)
     new: list[int] = []
     pos = 0  # positions already in the cache

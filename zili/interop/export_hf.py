@@ -2,14 +2,17 @@
 
 Writes config.json (classic form: `rope_theta`, `rope_scaling`), generation_config.json, the weights as
 model.safetensors — or shards of at most `max_shard_bytes` plus model.safetensors.index.json — and the
-tokenizer files, into a temporary directory renamed to OUT_DIR when complete.
+tokenizer files, into a temporary directory renamed to OUT_DIR when complete. Experts are written one
+tensor per expert (the hub layout, see zili.interop.hf); the balancing bias stays fp32.
 
 Streaming: the checkpoint is read one tensor at a time through DCP (which reads only that tensor's bytes,
 whatever number of ranks wrote the checkpoint), converted and appended to the current shard; a full shard
-is written and dropped. Peak host memory is about one shard plus one tensor, not the model.
+is written and dropped. Peak host memory is about one shard plus one tensor, not the model (a stacked expert
+tensor counts as one: all experts of one projection of one layer, in fp32).
 
-Family: the one recorded at import (`meta.json` "hf"), else `qwen2` for models with q/k/v bias and `llama`
-otherwise. Dtype: `auto` = the dtype of the imported weights (so import then export is bit-identical),
+Family: the one recorded at import (`meta.json` "hf"), else the first of llama, qwen2, qwen3, qwen3_moe and
+deepseek_v3 that holds the architecture (`zili.interop.hf.family_for`; one line and exit 2 if none does).
+Dtype: `auto` = the dtype of the imported weights (so import then export is bit-identical),
 float32 for models trained from scratch (master weights are fp32).
 """
 
@@ -26,7 +29,8 @@ from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
 from zili.fsio import atomic_dir
-from zili.interop.hf import config_from_args, hf_name
+from zili.interop.hf import config_from_args, family_for, family_problem, hf_name, hf_names, is_stacked
+from zili.interop.import_hf import model_tensors
 from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
 
@@ -35,11 +39,24 @@ MAX_SHARD_BYTES = 5 * 10**9
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _parameters(args: ModelArgs) -> list[tuple[str, torch.Size]]:
-    """(zili name, shape) of every parameter, in model order (built on the meta device: no memory)."""
+def _tensors(args: ModelArgs) -> list[tuple[str, torch.Size]]:
+    """(zili name, shape) of every checkpointed tensor — parameters and persistent buffers — in model order (built
+    on the meta device: no memory)."""
     with torch.device("meta"):
-        model = Transformer(args)
-    return [(name, p.shape) for name, p in model.named_parameters()]
+        return list(model_tensors(Transformer(args)).items())
+
+
+def _hf_tensors(path: Path, args: ModelArgs, dtype: torch.dtype):
+    """(Hugging Face name, tensor in `dtype`) pairs, one zili tensor read at a time; a stacked expert tensor yields
+    one tensor per expert (the hub layout)."""
+    for name, shape in _tensors(args):
+        tensor = checkpoint.read_model_tensor(path, name, shape)
+        if is_stacked(name):
+            yield from ((hf, t.to(dtype).contiguous()) for hf, t in zip(hf_names(name, shape), tensor.unbind(0)))
+        elif name.endswith("e_score_correction_bias"):
+            yield hf_name(name), tensor  # fp32 in every release, whatever the weights' dtype
+        else:
+            yield hf_name(name), tensor.to(dtype)
 
 
 def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
@@ -80,7 +97,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     meta = checkpoint.read_meta(path)
     args = ModelArgs(**meta["model"])
     source = meta.get("hf", {})
-    family = source.get("family") or ("qwen2" if args.qkv_bias else "llama")
+    family = source.get("family") or family_for(args)
+    if problem := family_problem(args, family):
+        raise UserError(f"the checkpoint cannot be written as {family}: {problem}")
     if dtype == "auto":
         dtype = source.get("dtype", "float32")
     if dtype not in DTYPES:
@@ -95,9 +114,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
 def _write_directory(tmp: Path, run_dir: Path, path: Path, args: ModelArgs, family: str, dtype: str,
                      tokenizer: Tokenizer, max_shard_bytes: int) -> None:
     """Everything OUT_DIR holds, written into `tmp`."""
-    tensors = ((hf_name(name), checkpoint.read_model_tensor(path, name, shape).to(DTYPES[dtype]))
-               for name, shape in _parameters(args))
-    weight_map = _write_shards(tensors, tmp, max_shard_bytes)
+    weight_map = _write_shards(_hf_tensors(path, args, DTYPES[dtype]), tmp, max_shard_bytes)
     if len(set(weight_map.values())) > 1:
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / "model.safetensors.index.json").write_text(

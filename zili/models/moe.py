@@ -18,8 +18,8 @@ moe_ffn_dim), each expert's slice laid out as an `nn.Linear` weight.
 
 Balancing: the training tokens each expert received since the last update are counted (`tokens_per_expert`);
 `update_bias(rate)` moves the bias by `rate` towards the mean load (up for experts below it, down above it),
-DeepSeek-V3's update, and resets the count. The bias is a persistent fp32 buffer (checkpointed; Hugging Face's
-`mlp.gate.e_score_correction_bias`).
+DeepSeek-V3's update, and resets the count. The bias is a persistent fp32 buffer of sigmoid-routed layers
+(checkpointed; Hugging Face's `mlp.gate.e_score_correction_bias`); softmax-routed layers have none.
 """
 
 from __future__ import annotations
@@ -39,8 +39,12 @@ class Router(nn.Module):
         super().__init__()
         self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        # fp32 whatever the compute dtype: the bias moves in steps far below bf16's resolution at scores near 1
-        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        # sigmoid routing only (softmax routing has no bias to balance with). fp32 whatever the compute dtype: the
+        # bias moves in steps far below bf16's resolution at scores near 1
+        if args.score_func == "sigmoid":
+            self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim) -> (weights (N, top_k) fp32, expert indices (N, top_k) int64)."""
@@ -119,9 +123,11 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:
         """DeepSeek-V3's balancing step (after an optimizer step): every expert's bias moves by `rate` towards the
-        mean load — up below it, down above it — then the load count restarts."""
+        mean load — up below it, down above it (sigmoid routing; softmax routing has no bias) — then the load
+        count restarts."""
         load = self.tokens_per_expert
-        self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        if self.gate.e_score_correction_bias is not None:
+            self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
         load.zero_()
 
     def load_imbalance(self) -> torch.Tensor:

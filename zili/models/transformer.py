@@ -1,13 +1,16 @@
-"""A decoder-only transformer covering the Llama 3 and Qwen2 families, in plain PyTorch.
+"""A decoder-only transformer covering the Llama 3, Qwen2, Qwen3 (dense and MoE) and DeepSeek-V2/V3 families,
+in plain PyTorch.
 
-RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, each with a residual connection;
-optional q/k/v bias (Qwen2), tied or untied output head. Attention, RMSNorm and the rotation go through
+RMSNorm -> attention with RoPE -> RMSNorm -> feed-forward, each with a residual connection. Attention is
+grouped-query (optional q/k/v bias as in Qwen2, per-head q/k RMSNorm as in Qwen3) or multi-head latent attention
+(zili.models.mla); the feed-forward is a SwiGLU or a mixture of SwiGLU experts (zili.models.moe); the output head
+is tied or untied. Attention, RMSNorm and the rotation go through
 `zili.kernels`, which picks the kernel for the device (scaled_dot_product_attention by default, batched
 matmuls for CPU training, torch_npu's fused kernels on Ascend, flash-attn on CUDA if installed).
 
 Rotary layout: half-split (GPT-NeoX / Hugging Face), i.e. the feature pairs rotated together are
 (i, i + head_dim/2), not the interleaved (2i, 2i+1) pairs of Meta's original checkpoints. Hugging Face
-weights therefore load without permuting q/k rows.
+weights therefore load without permuting q/k rows (MLA de-interleaves DeepSeek's pairs at run time, see there).
 
 Contract: `Transformer(args)(tokens[B, T], start_pos=0, cache=None) -> logits[B, T, vocab]`.
 The model knows nothing of parallelism: FSDP, tensor/pipeline parallelism, activation checkpointing and
@@ -21,8 +24,6 @@ weights.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,39 +31,10 @@ from torch import nn
 from zili import kernels
 from zili.models import init
 from zili.models.args import ModelArgs
+from zili.models.mla import LatentAttention, LatentCache
 from zili.models.moe import MoE
-
-
-def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) in radians per position, with Llama 3 scaling if asked: fp32, on
-    `device` (default: the CPU). Always computed in float64 on the CPU and only the fp32 result moved: some
-    accelerators have no fp64 arithmetic (Ascend's AI cores: a slow fallback or an error), and a CPU vector of
-    head_dim/2 costs nothing."""
-    inv_freq = 1.0 / (args.rope_theta
-                      ** (torch.arange(0, args.head_dim, 2, device="cpu", dtype=torch.float64) / args.head_dim))
-    if args.rope_scaling == "llama3":
-        low_wavelen = args.rope_original_max_len / args.rope_low_freq_factor
-        high_wavelen = args.rope_original_max_len / args.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (args.rope_original_max_len / wavelen - args.rope_low_freq_factor) / (
-            args.rope_high_freq_factor - args.rope_low_freq_factor
-        )
-        blended = (1 - smooth) * inv_freq / args.rope_factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / args.rope_factor, inv_freq)
-        middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-        inv_freq = torch.where(middle, blended, inv_freq)
-    return inv_freq.float() if device is None else inv_freq.float().to(device)
-
-
-def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
-    """cos and sin for every position: (2, max_seq_len, head_dim), fp32, half-split layout, on `device` (default:
-    the default device). Only fp32 arithmetic runs on `device` (the frequencies come from the CPU, see
-    `rope_frequencies`); the table itself is built there, so that a model built on the meta device costs no
-    CPU time for a table of 131072 positions."""
-    positions = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, rope_frequencies(args, positions.device))
-    angles = torch.cat([angles, angles], dim=-1)
-    return torch.stack([angles.cos(), angles.sin()])
+from zili.models.rmsnorm import RMSNorm
+from zili.models.rope import rope_table
 
 
 def canonical_name(name: str) -> str:
@@ -70,28 +42,19 @@ def canonical_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.rms_norm(x, self.weight, self.eps)
-        # Under autocast every consumer is a matmul that would cast to the compute dtype anyway (q, k and
-        # v each separately): cast once here instead.
-        if torch.is_autocast_enabled(x.device.type):
-            return out.to(torch.get_autocast_dtype(x.device.type))
-        return out.to(x.dtype)
-
-
 class KVCache:
-    """Keys and values of past positions for generation: per layer (B, n_kv_heads, max_len, head_dim)."""
+    """Keys and values of past positions for generation with grouped-query attention: per layer
+    (B, n_kv_heads, max_len, head_dim)."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, element_bytes: int = 2) -> int:
+        """Cache bytes per token of context (all layers) at `element_bytes` per number."""
+        return args.n_layers * 2 * args.n_kv_heads * args.head_dim * element_bytes
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Store k/v for positions start..start+T; return all keys/values up to start+T."""
@@ -102,6 +65,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention: q/k/v/o projections, optional q/k/v bias (Qwen2) and per-head q/k RMSNorm before
+    the rotation (Qwen3)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -109,14 +75,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
         """x (B, T, dim); rope the model's (2, max_seq_len, head_dim) cos/sin table; positions start at
         `start_pos`. Head counts come from the projections' outputs (a tensor-parallel shard has fewer)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = rope[0, start_pos : start_pos + T], rope[1, start_pos : start_pos + T]
         q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
         mask, causal = None, True
@@ -148,7 +122,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args)
+        self.attn = LatentAttention(args) if args.is_mla else Attention(args)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         if args.is_moe and layer >= args.n_dense_layers:
             shared = SwiGLU(args.dim, args.n_shared_experts * args.moe_ffn_dim) if args.n_shared_experts else None
@@ -156,7 +130,7 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(args.dim, args.ffn_dim)
 
-    def forward(self, x, rope, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, rope, cache: KVCache | LatentCache | None = None, start_pos: int = 0):
         x = x + self.attn(self.attn_norm(x), rope, cache, self.layer, start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -174,7 +148,14 @@ class Transformer(nn.Module):
         self.lm_head = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope", rope_table(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache | LatentCache:
+        """An empty generation cache for `batch` sequences of up to `max_len` tokens: keys and values (GQA) or
+        latents and rotated keys (MLA)."""
+        kind = LatentCache if self.args.is_mla else KVCache
+        return kind(self.args, batch, max_len, device, dtype)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | LatentCache | None = None
+                ) -> torch.Tensor:
         T = tokens.shape[1]
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.args.max_seq_len}")
@@ -203,7 +184,8 @@ class Transformer(nn.Module):
         self.rope.copy_(rope_table(self.args, device=self.rope.device))
         for module in self.modules():
             if isinstance(module, MoE):
-                module.gate.e_score_correction_bias.zero_()
+                if module.gate.e_score_correction_bias is not None:
+                    module.gate.e_score_correction_bias.zero_()
                 module.tokens_per_expert.zero_()
 
     def expert_layers(self) -> list[MoE]:

@@ -1,7 +1,8 @@
 """Materialise a (sharded) model's starting weights, each rank computing or reading only its own shard.
 
 Contract: `init_weights(model, seed, initial_value=None)` fills every parameter of `model` — plain, or a
-DTensor sharded by FSDP2 and/or tensor parallelism in any layout — and recomputes the RoPE buffer. A plain
+DTensor sharded by FSDP2 and/or tensor parallelism in any layout — and recomputes the RoPE buffer; the
+persistent buffers (the experts' balancing bias) start at zero, or from `initial_value` when given. A plain
 parameter's region is the whole tensor; a DTensor's is its local shard: `offsets`/`sizes` per dimension in
 the full tensor (`zili.compat.local_region`). The values come from `initial_value(name, full_shape, offsets,
 sizes) -> fp32 tensor of shape sizes` (e.g. `zili.interop.import_hf.HFWeights`, which reads just that
@@ -47,3 +48,8 @@ def init_weights(model, seed: int, initial_value=None) -> None:
         if tuple(value.shape) != sizes:
             raise RuntimeError(f"initial value of {name} for region {offsets}+{sizes} has shape {tuple(value.shape)}")
         local.copy_(value)
+    if initial_value is not None:
+        parameters = {canonical_name(name) for name, _ in model.named_parameters()}
+        for name, buffer in model.state_dict(keep_vars=True).items():
+            if canonical_name(name) not in parameters:
+                buffer.copy_(initial_value(canonical_name(name), tuple(buffer.shape), *full_region(buffer.shape)))

@@ -146,8 +146,7 @@ def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) ->
         return None
     load = torch.stack([layer.load_imbalance() for layer in layers]).max()
     for layer in layers:
-        step = rate * (1 - skipped) if layer.args.score_func == "sigmoid" else 0.0
-        layer.update_bias(step)
+        layer.update_bias(rate * (1 - skipped))
     return load
 
 
