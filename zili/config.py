@@ -39,6 +39,25 @@ class ModelConfig:
     rope_theta: float | None = _f(None, "override the RoPE base")
     qkv_bias: bool | None = _f(None, "override: bias on the q/k/v projections (Qwen2 style)")
     tied_embeddings: bool | None = _f(None, "override: share the input embedding with the output head")
+    head_size: int | None = _f(None, "override the features per attention head (0 = dim / n_heads)")
+    qk_norm: bool | None = _f(None, "override: RMSNorm over each query and key head (Qwen3 style)")
+    attention: str | None = _f(None, "override the attention: 'gqa' (grouped-query) or 'mla' (multi-head latent)",
+                               ("gqa", "mla"))
+    q_lora_rank: int | None = _f(None, "MLA: rank of the query projection (0 = a plain projection)")
+    kv_lora_rank: int | None = _f(None, "MLA: features of the compressed key/value latent")
+    qk_nope_head_dim: int | None = _f(None, "MLA: unrotated query/key features per head")
+    qk_rope_head_dim: int | None = _f(None, "MLA: rotated query/key features per head (shared key)")
+    v_head_dim: int | None = _f(None, "MLA: value features per head")
+    n_routed_experts: int | None = _f(None, "mixture of experts: routed experts per MoE block (0 = dense)")
+    n_shared_experts: int | None = _f(None, "mixture of experts: shared experts every token passes through")
+    top_k: int | None = _f(None, "mixture of experts: routed experts per token")
+    moe_ffn_dim: int | None = _f(None, "mixture of experts: SwiGLU inner size of one expert")
+    n_dense_layers: int | None = _f(None, "mixture of experts: leading blocks that keep a dense MLP")
+    score_func: str | None = _f(None, "routing scores: 'softmax' (Qwen3-MoE) or 'sigmoid' with the balancing bias "
+                                      "(DeepSeek-V3)", ("softmax", "sigmoid"))
+    n_group: int | None = _f(None, "sigmoid routing: expert groups")
+    topk_group: int | None = _f(None, "sigmoid routing: groups a token may use")
+    routed_scaling_factor: float | None = _f(None, "mixture of experts: multiplies the routed experts' weights")
     init: str = _f("", "initial weights: '' = random from training.seed; 'hf:DIR' = a Hugging Face Qwen2/Llama "
                        "checkpoint (its config.json sets the architecture; prepare the data with its tokenizer)")
 

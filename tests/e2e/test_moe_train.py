@@ -46,6 +46,12 @@ def test_moe_model_trains_balances_and_resumes_exactly(zili_cli, tiny_dataset, t
     dcp.load(state, checkpoint_id=str(last))
     assert state[keys[0]].abs().max() > 0
 
+    # a checkpoint whose expert count differs from the config: one line, exit 2
+    other = zili_cli("train", *common, f"--training.run_dir={parts}", "--checkpoint.resume=auto",
+                     "--model.n_routed_experts=8", "--model.n_group=2", "--training.steps=14")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "n_routed_experts=16 (now 8)" in other.stderr
+
 
 def test_moe_refuses_several_processes_in_one_line(tiny_dataset, tmp_path):
     results = launch_ranks(2, [sys.executable, "-m", "zili", "train", *MOE, f"--data.dataset={tiny_dataset}",

@@ -76,3 +76,13 @@ FAMILIES = ("qwen2", "llama", "qwen3", "qwen3_moe", "deepseek_v3")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {kind: build_hf(kind, root / kind) for kind in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def hf_dataset(hf_models, tmp_path_factory, corpus_files):
+    """The test corpus tokenized with the Hugging Face models' tokenizer (every family here shares it)."""
+    from zili.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("hf-data") / "data"
+    prepare(corpus_files, hf_models["qwen2"], out)
+    return out

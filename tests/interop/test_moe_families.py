@@ -12,10 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.interop.conftest import VOCAB, transformers
+from zili.config import load_config
 from zili.infer.generate import generate
 from zili.infer.run import load_run
 from zili.interop.export_hf import export_hf
 from zili.interop.import_hf import import_hf
+from zili.train.trainer import Trainer
 
 NEW = ["qwen3", "qwen3_moe", "deepseek_v3"]
 
@@ -76,3 +78,28 @@ def test_bias_is_exported_in_fp32_with_bf16_weights(imported, tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
         assert f.get_slice("model.layers.1.mlp.experts.0.up_proj.weight").get_dtype() == "BF16"
+
+
+@pytest.mark.parametrize("kind", NEW)
+def test_training_starts_from_the_hf_weights_of_each_family(hf_models, hf_dataset, tmp_path, kind):
+    settings = {"model.init": f"hf:{hf_models[kind]}", "data.dataset": str(hf_dataset),
+                "training.run_dir": str(tmp_path / "run"), "training.dtype": "fp32", "training.steps": "8",
+                "training.seq_len": "32", "training.batch_size": "4", "training.eval_every": "0",
+                "training.sample_tokens": "0", "metrics.progress": "false", "metrics.log_every": "1",
+                "optimizer.lr": "3e-3", "optimizer.warmup_steps": "2"}
+    trainer = Trainer(load_config(None, list(settings.items())))
+    model, source = trainer.model.parts[0], load_file(hf_models[kind] / "model.safetensors")
+    assert torch.equal(model.embed.weight, source["model.embed_tokens.weight"])
+    if kind == "deepseek_v3":
+        assert torch.equal(model.blocks["2"].mlp.gate.e_score_correction_bias,
+                           source["model.layers.2.mlp.gate.e_score_correction_bias"])
+        assert torch.equal(model.blocks["1"].attn.kv_b_proj.weight, source["model.layers.1.self_attn.kv_b_proj.weight"])
+    if kind != "qwen3":
+        assert torch.equal(model.blocks["1"].mlp.experts.w_up[6], source["model.layers.1.mlp.experts.6.up_proj.weight"])
+    else:
+        assert torch.equal(model.blocks["1"].attn.k_norm.weight, source["model.layers.1.self_attn.k_norm.weight"])
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert losses[8] < losses[1]
+    assert (tmp_path / "run" / "checkpoints" / "step-0000008").is_dir()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,16 +13,6 @@ from zili.train.trainer import Trainer
 
 TRAINING = ["--training.seq_len=32", "--training.batch_size=4", "--training.dtype=fp32", "--metrics.progress=false",
             "--training.sample_tokens=0", "--metrics.log_every=5", "--training.eval_every=10"]
-
-
-@pytest.fixture(scope="module")
-def hf_dataset(hf_models, tmp_path_factory, corpus_files):
-    """The test corpus tokenized with the Hugging Face model's own tokenizer."""
-    from zili.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("hf-data") / "data"
-    prepare(corpus_files, hf_models["qwen2"], out)
-    return out
 
 
 def test_training_starts_from_the_hf_weights(hf_models, hf_dataset, tmp_path):

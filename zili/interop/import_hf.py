@@ -99,8 +99,13 @@ class HFWeights:
         if skipped:
             print(f"info: skipping the multi-token-prediction layer ({mtp_prefix}*, {skipped} tensors) — zili does "
                   "not train it yet", file=sys.stderr)
-        self.source_dtype: torch.dtype | None = None
+        self._dtype: torch.dtype | None = None  # of the first tensor read
+        self._fp8 = False  # whether any tensor read was block-quantized
         self.bytes_read = 0
+
+    @property
+    def source_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self._fp8 else self._dtype
 
     def __call__(self, name: str, shape, offsets=None, sizes=None) -> torch.Tensor:
         shape = tuple(shape)
@@ -126,9 +131,9 @@ class HFWeights:
             tensor = part[region]
         self.bytes_read += tensor.numel() * tensor.element_size()
         if tensor.dtype in FP8_DTYPES:
-            self.source_dtype = self.source_dtype or torch.bfloat16
+            self._fp8 = True
             return self._dequantize(key, tensor, offsets, sizes)
-        self.source_dtype = self.source_dtype or tensor.dtype
+        self._dtype = self._dtype or tensor.dtype
         return tensor.float()
 
     def _dequantize(self, key: str, tensor: torch.Tensor, offsets, sizes) -> torch.Tensor:
