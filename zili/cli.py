@@ -21,7 +21,8 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili bench [--workload NAME] [--steps N] [--json PATH]   measure a standard workload on this device
   zili bench --compare A.json B.json ... [--png F]      compare bench results side by side
   zili chips [--json]                                  the chip table (peak TFLOP/s, HBM, bandwidths)
-  zili import-hf HF_DIR RUN_DIR                        a Hugging Face Qwen2/Llama checkpoint -> a zili run
+  zili import-hf HF_DIR RUN_DIR [--mtp-depth 1]        a Hugging Face checkpoint (Llama, Qwen2, Qwen3,
+                                                       Qwen3-MoE, DeepSeek-V3) -> a zili run
   zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
   zili plan --model M --chip C --count N [--tokens 15T] [layout flags] [--verify] [--json]
                                                        plan a run: memory, step time, MFU, days, best layouts
@@ -95,15 +96,18 @@ def _data(argv: list[str]) -> None:
 
 def _import_hf(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="zili import-hf",
-                                     description="Convert a Hugging Face Qwen2ForCausalLM / LlamaForCausalLM directory "
-                                                 "(config.json, *.safetensors, tokenizer files) "
-                                                 "into a zili run directory.")
+                                     description="Convert a Hugging Face LlamaForCausalLM, Qwen2ForCausalLM, "
+                                                 "Qwen3ForCausalLM, Qwen3MoeForCausalLM or DeepseekV3ForCausalLM "
+                                                 "directory (config.json, *.safetensors — block-quantized FP8 "
+                                                 "included — and tokenizer files) into a zili run directory.")
     parser.add_argument("hf_dir", help="Hugging Face model directory")
     parser.add_argument("run_dir", help="run directory to write (tokenizer/ and checkpoints/step-0000000/)")
+    parser.add_argument("--mtp-depth", type=int, default=0, choices=(0, 1),
+                        help="1: also load DeepSeek-V3's multi-token-prediction layer (default 0: skip it)")
     args = parser.parse_args(argv)
     from zili.interop.import_hf import import_hf
 
-    print(f"wrote {import_hf(args.hf_dir, args.run_dir)}")
+    print(f"wrote {import_hf(args.hf_dir, args.run_dir, args.mtp_depth)}")
 
 
 def _export_hf(argv: list[str]) -> None:

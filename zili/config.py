@@ -58,8 +58,11 @@ class ModelConfig:
     n_group: int | None = _f(None, "sigmoid routing: expert groups")
     topk_group: int | None = _f(None, "sigmoid routing: groups a token may use")
     routed_scaling_factor: float | None = _f(None, "mixture of experts: multiplies the routed experts' weights")
-    init: str = _f("", "initial weights: '' = random from training.seed; 'hf:DIR' = a Hugging Face Qwen2/Llama "
-                       "checkpoint (its config.json sets the architecture; prepare the data with its tokenizer)")
+    mtp_depth: int | None = _f(None, "multi-token prediction (DeepSeek-V3): 1 = an extra block predicting the token "
+                                     "after next; 0 = off")
+    init: str = _f("", "initial weights: '' = random from training.seed; 'hf:DIR' = a Hugging Face Llama, Qwen2, "
+                       "Qwen3, Qwen3-MoE or DeepSeek-V3 checkpoint (its config.json sets the architecture — only "
+                       "mtp_depth may be added; prepare the data with its tokenizer)")
 
 
 @dataclass
@@ -87,6 +90,8 @@ class TrainingConfig:
     exit_after: int = _f(0, "stop (after a checkpoint) once this many steps ran in this process; 0 = off")
     max_skipped_steps: int = _f(5, "stop with an error after this many consecutive steps with a non-finite loss or "
                                    "gradient norm (each skips its update)")
+    mtp_loss_weight: float = _f(0.3, "weight of the multi-token-prediction loss in the objective (models with "
+                                     "model.mtp_depth = 1; DeepSeek-V3 used 0.3, then 0.1)")
     sample_tokens: int = _f(120, "tokens to generate as a sample at the end; 0 = none")
     sample_prompt: str = _f("ROMEO:", "prompt of the final sample")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from zili.errors import UserError
 from zili.infer.run import load_run
+from zili.interop.export_hf import export_hf
 from zili.interop.hf import args_from_config, read_config
 from zili.interop.import_hf import HFWeights, import_hf
 from zili.models.transformer import Transformer
@@ -106,6 +108,42 @@ def test_multi_token_prediction_layer_is_skipped_with_one_info_line(hf_models, t
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="unexpected tensor 'model.layers.3."):
         import_hf(hf_dir, tmp_path / "run2")
+
+
+def with_mtp_layer(source: Path, out: Path) -> Path:
+    """The tiny DeepSeek-V3 plus a multi-token-prediction layer 3 as DeepSeek publishes it: an expert block (here a
+    copy of block 2's tensors, perturbed), enorm, hnorm, eh_proj, shared_head.norm, and copies of the embedding
+    and the head."""
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+        tensors[name.replace("layers.2.", "layers.3.")] = tensors[name] + 0.01 * torch.randn(tensors[name].shape,
+                                                                                              generator=g)
+    tensors.update({"model.layers.3.enorm.weight": 1 + 0.1 * torch.randn(64, generator=g),
+                    "model.layers.3.hnorm.weight": 1 + 0.1 * torch.randn(64, generator=g),
+                    "model.layers.3.shared_head.norm.weight": 1 + 0.1 * torch.randn(64, generator=g),
+                    "model.layers.3.eh_proj.weight": 0.05 * torch.randn(64, 128, generator=g),
+                    "model.layers.3.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                    "model.layers.3.shared_head.head.weight": tensors["lm_head.weight"].clone()})
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_mtp_layer_loads_when_asked_and_exports_back_bit_identical(hf_models, tmp_path):
+    hf_dir = with_mtp_layer(hf_models["deepseek_v3"], tmp_path / "hf")
+    import_hf(hf_dir, tmp_path / "run", mtp_depth=1)
+    model, _ = load_run(tmp_path / "run", device="cpu")
+    source = load_file(hf_dir / "model.safetensors")
+    assert torch.equal(model.mtp["0"].eh_proj.weight, source["model.layers.3.eh_proj.weight"])
+    assert torch.equal(model.mtp["0"].block.mlp.experts.w_down[4],
+                       source["model.layers.3.mlp.experts.4.down_proj.weight"])
+    assert torch.equal(model.mtp["0"].norm.weight, source["model.layers.3.shared_head.norm.weight"])
+    out = export_hf(tmp_path / "run", tmp_path / "out")
+    exported = load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(source)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in source.items())
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
 
 
 def test_expert_count_differing_from_config_is_one_line_exit_2(hf_models, tmp_path, zili_cli):

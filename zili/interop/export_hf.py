@@ -29,7 +29,7 @@ from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
 from zili.fsio import atomic_dir
-from zili.interop.hf import config_from_args, family_for, family_problem, hf_name, hf_names, is_stacked
+from zili.interop.hf import config_from_args, family_for, family_problem, hf_name, hf_names, is_stacked, mtp_copies
 from zili.interop.import_hf import model_tensors
 from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
@@ -49,14 +49,20 @@ def _tensors(args: ModelArgs) -> list[tuple[str, torch.Size]]:
 def _hf_tensors(path: Path, args: ModelArgs, dtype: torch.dtype):
     """(Hugging Face name, tensor in `dtype`) pairs, one zili tensor read at a time; a stacked expert tensor yields
     one tensor per expert (the hub layout)."""
-    for name, shape in _tensors(args):
+    tensors = _tensors(args)
+    shapes = dict(tensors)
+    for name, shape in tensors:
         tensor = checkpoint.read_model_tensor(path, name, shape)
         if is_stacked(name):
-            yield from ((hf, t.to(dtype).contiguous()) for hf, t in zip(hf_names(name, shape), tensor.unbind(0)))
+            yield from ((hf, t.to(dtype).contiguous())
+                        for hf, t in zip(hf_names(name, shape, args.n_layers), tensor.unbind(0)))
         elif name.endswith("e_score_correction_bias"):
-            yield hf_name(name), tensor  # fp32 in every release, whatever the weights' dtype
+            yield hf_name(name, None, args.n_layers), tensor  # fp32 in every release, whatever the weights' dtype
         else:
-            yield hf_name(name), tensor.to(dtype)
+            yield hf_name(name, None, args.n_layers), tensor.to(dtype)
+    for hf, name in mtp_copies(args.n_layers, args.mtp_depth).items():  # DeepSeek's layout repeats them there
+        name = name if name in shapes else "embed.weight"  # tied: the head is the embedding
+        yield hf, checkpoint.read_model_tensor(path, name, shapes[name]).to(dtype)
 
 
 def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:

@@ -18,6 +18,10 @@ over expert groups with a balancing bias, shared experts, dense first blocks). O
                      (w_up -> up_proj, w_down [E,d,f] -> down_proj [d,f])
     norm.weight                         <-> model.norm.weight
     lm_head.weight                      <-> lm_head.weight   (absent when tied)
+    mtp.0.{enorm,hnorm,eh_proj}.weight  <-> model.layers.L.{enorm,hnorm,eh_proj}.weight  (L = num_hidden_layers)
+    mtp.0.norm.weight                   <-> model.layers.L.shared_head.norm.weight
+    mtp.0.block.X                       <-> model.layers.L.X  (as blocks.L.X)
+    (model.layers.L.embed_tokens.weight and shared_head.head.weight: copies of the embedding and the head)
 
 That is the hub layout on disk — one tensor per expert — which every transformers version reads and writes,
 whatever layout it uses in memory (transformers 5 fuses the experts on load and splits them on save).
@@ -59,9 +63,18 @@ def is_stacked(name: str) -> bool:
     return ".mlp.experts.w_" in name
 
 
-def hf_name(name: str, expert: int | None = None) -> str:
-    """zili tensor name -> Hugging Face name; for a stacked expert tensor, that of expert `expert`."""
+_MTP = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
+
+
+def hf_name(name: str, expert: int | None = None, n_layers: int | None = None) -> str:
+    """zili tensor name -> Hugging Face name; for a stacked expert tensor, that of expert `expert`. Multi-token
+    prediction layers (`mtp.I.*`) become DeepSeek's `model.layers.{n_layers + I}.*`, which needs `n_layers`."""
     parts = name.split(".")
+    if parts[0] == "mtp":
+        layer = n_layers + int(parts[1])
+        if parts[2] == "block":
+            return hf_name(".".join(["blocks", str(layer), *parts[3:]]), expert)
+        return ".".join(["model", "layers", str(layer), _MTP[parts[2]], *parts[3:]])
     if parts[0] == "blocks":
         if is_stacked(name):
             if expert is None:
@@ -71,9 +84,20 @@ def hf_name(name: str, expert: int | None = None) -> str:
     return ".".join([_TOP[parts[0]], *parts[1:]])
 
 
-def hf_names(name: str, shape) -> list[str]:
+def hf_names(name: str, shape, n_layers: int | None = None) -> list[str]:
     """The Hugging Face tensors zili tensor `name` of `shape` is made of: one, or one per expert (stacked)."""
-    return [hf_name(name, e) for e in range(shape[0])] if is_stacked(name) else [hf_name(name)]
+    if is_stacked(name):
+        return [hf_name(name, e, n_layers) for e in range(shape[0])]
+    return [hf_name(name, None, n_layers)]
+
+
+def mtp_copies(n_layers: int, mtp_depth: int) -> dict[str, str]:
+    """DeepSeek's MTP layers carry copies of the embedding and the output head: HF name -> zili name."""
+    copies = {}
+    for i in range(mtp_depth):
+        copies[f"model.layers.{n_layers + i}.embed_tokens.weight"] = "embed.weight"
+        copies[f"model.layers.{n_layers + i}.shared_head.head.weight"] = "lm_head.weight"
+    return copies
 
 
 def zili_name(name: str) -> str:
@@ -282,7 +306,7 @@ def config_from_args(args: ModelArgs, family: str, torch_dtype: str = "float32",
                        "kv_lora_rank": args.kv_lora_rank, "qk_nope_head_dim": args.qk_nope_head_dim,
                        "qk_rope_head_dim": args.qk_rope_head_dim, "v_head_dim": args.v_head_dim,
                        "head_dim": args.qk_rope_head_dim, "rope_interleave": args.rope_interleave,
-                       "num_nextn_predict_layers": 0})
+                       "num_nextn_predict_layers": args.mtp_depth})
     if (scaling := _rope_config(args)) is not None:
         config["rope_scaling"] = scaling
     if eos_id is not None:

@@ -12,8 +12,9 @@ Block-quantized FP8 checkpoints (DeepSeek-V3 as published: float8_e4m3fn weights
 read, region by region: weight x its block's scale, in fp32. Their source dtype is recorded as bfloat16, the
 dtype export writes them back in (zili does not re-quantize).
 
-DeepSeek-V3's multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) is skipped with one info
-line on stderr: zili does not train it yet.
+DeepSeek-V3's multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) is loaded into a model with
+`mtp_depth` 1 (`import-hf --mtp-depth 1`, `--model.mtp_depth=1` with `--model.init=hf:DIR`) and otherwise skipped
+with one info line on stderr; its copies of the embedding and the head are not read (zili shares them).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
 from zili.fsio import atomic_dir
-from zili.interop.hf import args_from_config, hf_names, is_stacked, read_config
+from zili.interop.hf import args_from_config, hf_names, is_stacked, mtp_copies, read_config
 from zili.models.transformer import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -82,12 +83,15 @@ class HFWeights:
         self.files = weight_files(self.hf_dir)
         config = config if config is not None else read_config(self.hf_dir)
         self.block = tuple((config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
-        expected = {hf for name, shape in model_tensors(model).items() for hf in hf_names(name, shape)}
-        # DeepSeek-V3 keeps its multi-token-prediction layers after the last block
-        mtp_prefix = f"model.layers.{model.args.n_layers}." if config.get("num_nextn_predict_layers") else None
+        self.n_layers = model.args.n_layers
+        expected = {hf for name, shape in model_tensors(model).items() for hf in hf_names(name, shape, self.n_layers)}
+        copies = mtp_copies(self.n_layers, model.args.mtp_depth)
+        # DeepSeek-V3 keeps its multi-token-prediction layers after the last block: skipped unless the model has them
+        mtp_prefix = (f"model.layers.{self.n_layers}."
+                      if config.get("num_nextn_predict_layers") and not model.args.mtp_depth else None)
         skipped = 0
         for name in self.files:
-            if name.endswith(IGNORED) or (name == "lm_head.weight" and model.lm_head is None):
+            if name.endswith(IGNORED) or (name == "lm_head.weight" and model.lm_head is None) or name in copies:
                 continue
             if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in expected:
                 continue
@@ -97,8 +101,8 @@ class HFWeights:
             if name not in expected:
                 raise UserError(_unexpected(name, model.args, hf_dir))
         if skipped:
-            print(f"info: skipping the multi-token-prediction layer ({mtp_prefix}*, {skipped} tensors) — zili does "
-                  "not train it yet", file=sys.stderr)
+            print(f"info: skipping the multi-token-prediction layer ({mtp_prefix}*, {skipped} tensors) — "
+                  "model.mtp_depth=1 loads and trains it", file=sys.stderr)
         self._dtype: torch.dtype | None = None  # of the first tensor read
         self._fp8 = False  # whether any tensor read was block-quantized
         self.bytes_read = 0
@@ -111,9 +115,10 @@ class HFWeights:
         shape = tuple(shape)
         if offsets is None or sizes is None:
             offsets, sizes = (0,) * len(shape), shape
+        keys = hf_names(name, shape, self.n_layers)
         if not is_stacked(name):
-            return self._read(hf_names(name, shape)[0], shape, offsets, sizes)
-        keys = hf_names(name, shape)[offsets[0]: offsets[0] + sizes[0]]
+            return self._read(keys[0], shape, offsets, sizes)
+        keys = keys[offsets[0]: offsets[0] + sizes[0]]
         return torch.stack([self._read(key, shape[1:], offsets[1:], sizes[1:]) for key in keys])
 
     def _read(self, key: str, shape: tuple, offsets, sizes) -> torch.Tensor:
@@ -182,12 +187,15 @@ def copy_tokenizer(hf_dir: Path, out: Path) -> Tokenizer:
     return tokenizer
 
 
-def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
-    """Convert; return the checkpoint directory written."""
+def import_hf(hf_dir: str | Path, run_dir: str | Path, mtp_depth: int = 0) -> Path:
+    """Convert (with the multi-token-prediction layer when `mtp_depth` is 1); return the checkpoint directory
+    written."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory — pass a Hugging Face model directory")
     args, family = args_from_config(read_config(hf_dir))
+    args.mtp_depth = mtp_depth
+    args.validate()
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")

@@ -63,6 +63,9 @@ class ModelArgs:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = True  # MLA's rotated features pair (2i, 2i+1), as DeepSeek's checkpoints have them
+    # DeepSeek-V3's multi-token prediction: 1 = one extra block predicting the token after next (see
+    # zili.models.transformer.MultiTokenPredictor); trained with `training.mtp_loss_weight`
+    mtp_depth: int = 0
     mlp: str = "swiglu"  # "swiglu" (zili's block) or "gelu" (the GPT block; planner only)
     dropout: bool = False  # dropout masks stored in training (planner only)
     n_routed_experts: int = 0  # mixture of experts (planner only): 0 = a dense model
@@ -115,6 +118,8 @@ class ModelArgs:
                             "or set model.head_size")
         if self.is_mla:
             self._validate_mla()
+        if self.mtp_depth not in (0, 1):
+            raise UserError(f"model.mtp_depth must be 0 (off) or 1 (DeepSeek-V3's depth), got {self.mtp_depth}")
         if self.rope_dim % 2:
             raise UserError(f"the rotated features per head ({self.rope_dim}) must be even for RoPE — "
                             "change model.dim or model.n_heads (MLA: model.qk_rope_head_dim)")

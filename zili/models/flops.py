@@ -90,8 +90,20 @@ def mlp_active_params(args: ModelArgs, moe: bool) -> int:
     return args.dim * args.n_routed_experts + (args.n_shared_experts + args.top_k) * _ffn_params(args, args.moe_ffn_dim)
 
 
+def _mtp_block_is_moe(args: ModelArgs) -> bool:
+    return args.is_moe and args.n_layers >= args.n_dense_layers  # the block after the last is an expert block
+
+
+def mtp_params(args: ModelArgs) -> int:
+    """Weights of the multi-token prediction layers (eh_proj, one block, three norms each; the head is shared)."""
+    block = (attention_params(args) + mlp_params(args, _mtp_block_is_moe(args))
+             + 2 * args.dim + attention_norm_params(args))
+    return args.mtp_depth * (2 * args.dim * args.dim + block + 3 * args.dim)
+
+
 def param_counts(args: ModelArgs) -> dict[str, int]:
-    """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), total."""
+    """Parameters by part: embedding, attention, mlp, norms, head (0 when tied), mtp (multi-token prediction),
+    total."""
     n_moe = moe_layers(args)
     mlp = (args.n_layers - n_moe) * mlp_params(args, False) + (n_moe * mlp_params(args, True) if n_moe else 0)
     embedding = args.vocab_size * args.dim
@@ -101,6 +113,7 @@ def param_counts(args: ModelArgs) -> dict[str, int]:
         "mlp": mlp,
         "norms": (2 * args.dim + attention_norm_params(args)) * args.n_layers + args.dim,
         "head": 0 if args.tied_embeddings else embedding,
+        "mtp": mtp_params(args),
     }
     counts["total"] = sum(counts.values())
     return counts
@@ -109,7 +122,8 @@ def param_counts(args: ModelArgs) -> dict[str, int]:
 def active_params(args: ModelArgs) -> int:
     """Parameters one token uses: the total less the routed experts it does not visit (the embedding table counted
     whole, as in the total). MFU counts `matmul_params` instead."""
-    unvisited = moe_layers(args) * (args.n_routed_experts - args.top_k) * _ffn_params(args, args.moe_ffn_dim)
+    expert_blocks = moe_layers(args) + (args.mtp_depth if _mtp_block_is_moe(args) else 0)
+    unvisited = expert_blocks * (args.n_routed_experts - args.top_k) * _ffn_params(args, args.moe_ffn_dim)
     return param_counts(args)["total"] - unvisited
 
 
@@ -125,13 +139,17 @@ def head_forward_flops(args: ModelArgs) -> float:
 
 
 def matmul_params(args: ModelArgs) -> int:
-    """Weights used in a matmul per token: block projections plus the output head (tied or not)."""
+    """Weights used in a matmul per token: block projections plus the output head (tied or not); with multi-token
+    prediction also its projection, block and second use of the head."""
     n_moe = moe_layers(args)
     mlp = (args.n_layers - n_moe) * mlp_active_params(args, False) + (
         n_moe * mlp_active_params(args, True) if n_moe else 0)
-    return attention_params(args, bias=False) * args.n_layers + mlp + args.vocab_size * args.dim
+    head = args.vocab_size * args.dim
+    mtp = args.mtp_depth * (2 * args.dim * args.dim + attention_params(args, bias=False)
+                            + mlp_active_params(args, _mtp_block_is_moe(args)) + head)
+    return attention_params(args, bias=False) * args.n_layers + mlp + head + mtp
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training model FLOPs per token (forward + backward) at sequence length `seq_len`."""
-    return 6.0 * matmul_params(args) + 3 * args.n_layers * attention_scores_flops(args, seq_len)
+    return 6.0 * matmul_params(args) + 3 * (args.n_layers + args.mtp_depth) * attention_scores_flops(args, seq_len)

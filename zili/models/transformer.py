@@ -135,6 +135,27 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class MultiTokenPredictor(nn.Module):
+    """DeepSeek-V3's multi-token prediction (depth 1): for position i, the main model's normalised final hidden
+    state h_i and the embedding of token i+1, each RMS-normalised (`hnorm`, `enorm`), concatenated [embedding,
+    hidden] and projected back to `dim` (`eh_proj`), go through one more block (`layer` = n_layers: an expert
+    block in a mixture-of-experts model) and a final norm; the shared output head then predicts token i+2."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.block = Block(args, args.n_layers)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, embedded_next: torch.Tensor, hidden: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """embedded_next (B, T-1, dim): embeddings of tokens 1..T-1; hidden (B, T-1, dim): the main model's normalised
+        final hidden states at positions 0..T-2 -> (B, T-1, dim) for the head."""
+        x = self.eh_proj(torch.cat([self.enorm(embedded_next), self.hnorm(hidden)], dim=-1))
+        return self.norm(self.block(x, rope))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -146,6 +167,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleDict({str(i): MultiTokenPredictor(args) for i in range(args.mtp_depth)}) or None
         self.register_buffer("rope", rope_table(args), persistent=False)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache | LatentCache:
@@ -154,8 +176,10 @@ class Transformer(nn.Module):
         kind = LatentCache if self.args.is_mla else KVCache
         return kind(self.args, batch, max_len, device, dtype)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | LatentCache | None = None
-                ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | LatentCache | None = None,
+                mtp: bool = False):
+        """Logits (B, T, vocab); with `mtp` (a model with `mtp_depth` 1, no cache) also the multi-token
+        prediction's logits (B, T-1, vocab), position i predicting token i+2."""
         T = tokens.shape[1]
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.args.max_seq_len}")
@@ -165,6 +189,13 @@ class Transformer(nn.Module):
         if self.norm is None:
             return h
         h = self.norm(h)
+        logits = self.head(h)
+        if not mtp:
+            return logits
+        return logits, self.head(self.mtp["0"](self.embed(tokens[:, 1:]), h[:, :-1], self.rope))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of normalised hidden states: the output head, or the embedding when tied."""
         if self.lm_head is not None:
             return self.lm_head(h)
         return F.linear(h, self.embed.weight)

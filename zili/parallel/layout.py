@@ -139,9 +139,9 @@ def trainer_problem(layout: Layout, args: ModelArgs) -> str | None:
     if args.is_moe and layout.world_size > 1:
         return ("zili trains mixture-of-experts models on one device for now (expert and data parallelism of "
                 "expert layers come next) — run a single process")
-    if (args.is_mla or args.qk_norm) and layout.world_size > 1:
-        return ("zili trains multi-head latent attention and Qwen3's q/k-norm attention on one device for now (their "
-                "parallel layouts come with expert parallelism) — run a single process")
+    if (args.is_mla or args.qk_norm or args.mtp_depth) and layout.world_size > 1:
+        return ("zili trains multi-head latent attention, Qwen3's q/k-norm attention and multi-token prediction on one "
+                "device for now (their parallel layouts come with expert parallelism) — run a single process")
     if layout.pp > 1 and args.tied_embeddings:
         return ("pipeline parallelism needs an output head of its own (the embedding lives on the first stage) — "
                 "set model.tied_embeddings=false or pp=1")

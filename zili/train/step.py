@@ -39,10 +39,12 @@ def detached_value(loss: torch.Tensor) -> torch.Tensor:
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocast, train: bool) -> torch.Tensor:
+def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocast, train: bool,
+                mtp_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     part = model.parts[0]
     n_micro = inputs.shape[0] // micro_batch
     total = torch.zeros((), device=inputs.device)
+    mtp_total = torch.zeros((), device=inputs.device) if mtp_weight else None
     sync = getattr(part, "set_requires_gradient_sync", None)  # FSDP2: reduce gradients once, after the last
     for i in range(n_micro):
         if sync is not None and train:
@@ -50,12 +52,18 @@ def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocas
         chunk = slice(i * micro_batch, (i + 1) * micro_batch)
         with model.loss_context():
             with autocast():
-                logits = part(inputs[chunk])
+                out = part(inputs[chunk], mtp=True) if mtp_weight else part(inputs[chunk])
+            logits, mtp_logits = out if mtp_weight else (out, None)
             loss = lm_loss(logits, targets[chunk]) / n_micro
+            objective = loss
+            if mtp_logits is not None:  # position i predicts token i+2: the targets from position 1 on
+                mtp_loss = lm_loss(mtp_logits, targets[chunk][:, 1:]) / n_micro
+                objective = loss + mtp_weight * mtp_loss
+                mtp_total += mtp_loss.detach()
             if train:
-                loss.backward()
+                objective.backward()
         total += detached_value(loss)
-    return total
+    return total, mtp_total
 
 
 def _pipeline(model: ParallelModel, inputs, targets, autocast, train: bool) -> torch.Tensor:
@@ -73,13 +81,15 @@ def _pipeline(model: ParallelModel, inputs, targets, autocast, train: bool) -> t
 
 
 def forward_backward(model: ParallelModel, inputs: torch.Tensor, targets: torch.Tensor, *, micro_batch: int,
-                     autocast: Callable[[], AbstractContextManager], train: bool = True) -> torch.Tensor:
-    """The mean loss over this rank's batch `inputs` (B, T) — with gradients accumulated when `train` — as a
-    0-dim device tensor (no host sync). Pipelined models: the loss on ranks holding the last stage, 0
-    elsewhere; otherwise `micro_batch` sequences per forward/backward."""
+                     autocast: Callable[[], AbstractContextManager], train: bool = True,
+                     mtp_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(The mean language-modelling loss over this rank's batch `inputs` (B, T), the mean multi-token-prediction
+    loss or None) — with gradients of loss + `mtp_weight` x mtp loss accumulated when `train` (mtp_weight > 0
+    needs a model with `mtp_depth` 1) — as 0-dim device tensors (no host sync). Pipelined models: the loss on
+    ranks holding the last stage, 0 elsewhere; otherwise `micro_batch` sequences per forward/backward."""
     if model.schedule is not None:
-        return _pipeline(model, inputs, targets, autocast, train)
-    return _accumulate(model, inputs, targets, micro_batch, autocast, train)
+        return _pipeline(model, inputs, targets, autocast, train), None
+    return _accumulate(model, inputs, targets, micro_batch, autocast, train, mtp_weight)
 
 
 def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
@@ -135,6 +145,7 @@ class StepResult:
     grad_norm: torch.Tensor
     skipped: torch.Tensor
     expert_load: torch.Tensor | None = None  # max over expert layers of busiest expert's tokens ÷ mean; None: dense
+    mtp_loss: torch.Tensor | None = None  # the multi-token-prediction loss (nats/token); None without it
 
 
 def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) -> torch.Tensor | None:
@@ -152,13 +163,14 @@ def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) ->
 
 def train_step(model: ParallelModel, optimizers: list[torch.optim.Optimizer], inputs: torch.Tensor,
                targets: torch.Tensor, *, micro_batch: int, autocast: Callable[[], AbstractContextManager],
-               grad_clip: float, bias_update_rate: float = 0.0) -> StepResult:
+               grad_clip: float, bias_update_rate: float = 0.0, mtp_weight: float = 0.0) -> StepResult:
     """One optimizer step on this rank's batch `inputs`/`targets` (B, T): forward/backward (see
     `forward_backward`), global-norm clipping to `grad_clip` (0 = off), then each part's optimizer steps —
     unless the loss or the gradient norm is not finite anywhere, in which case no parameter changes."""
-    loss = forward_backward(model, inputs, targets, micro_batch=micro_batch, autocast=autocast)
+    loss, mtp_loss = forward_backward(model, inputs, targets, micro_batch=micro_batch, autocast=autocast,
+                                      mtp_weight=mtp_weight)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip, model.pp_group)
     skipped = nonfinite(loss, grad_norm)
     for optimizer in optimizers:
         optimizer_step(optimizer, skipped)
-    return StepResult(loss, grad_norm, skipped, balance_experts(model, bias_update_rate, skipped))
+    return StepResult(loss, grad_norm, skipped, balance_experts(model, bias_update_rate, skipped), mtp_loss)

@@ -119,11 +119,13 @@ class Trainer:
 
     def _hf_start(self, hf_dir: Path):
         """Architecture from HF_DIR's config.json; the weights source for `parallelize` (model.init=hf:DIR)."""
-        overrides = [k for k, v in vars(self.cfg.model).items() if k not in ("preset", "init") and v is not None]
+        overrides = [k for k, v in vars(self.cfg.model).items()
+                     if k not in ("preset", "init", "mtp_depth") and v is not None]
         if overrides:
             raise UserError(f"model.{overrides[0]} cannot be combined with model.init={self.cfg.model.init!r} — the "
                             "architecture comes from its config.json; drop the override")
         self.args, family = args_from_config(read_config(hf_dir))
+        self.args.mtp_depth = self.cfg.model.mtp_depth or 0  # the checkpoint's MTP layer, when asked for
         theirs, ours = hf_dir / "tokenizer.json", self.dataset.tokenizer_dir / "tokenizer.json"
         if (not theirs.is_file()
                 or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model")):
@@ -216,7 +218,7 @@ class Trainer:
         for inputs, targets in self.loader.val_batches(self.cfg.training.eval_batches):
             inputs, targets = self.accel.to_device(inputs), self.accel.to_device(targets)
             total += forward_backward(self.model, inputs, targets, micro_batch=inputs.shape[0],
-                                      autocast=self.autocast, train=False)
+                                      autocast=self.autocast, train=False)[0]
             count += 1
         self.model.train(True)
         return self._global_mean(total / count)
@@ -227,7 +229,8 @@ class Trainer:
         t = self.cfg.training
         result = train_step(self.model, self.optimizers, inputs, targets, autocast=self.autocast,
                             micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip,
-                            bias_update_rate=self.cfg.moe.bias_update_rate)
+                            bias_update_rate=self.cfg.moe.bias_update_rate,
+                            mtp_weight=t.mtp_loss_weight if self.args.mtp_depth else 0.0)
         self.skipped_steps += result.skipped
         self.skip_streak = (self.skip_streak + 1) * result.skipped
         reached = (self.streak_limit_step == 0) & (self.skip_streak >= t.max_skipped_steps)
@@ -307,6 +310,8 @@ class Trainer:
                         record["val_loss"] = self.validate()
                     if result.expert_load is not None:  # this step's, busiest expert ÷ mean, worst layer
                         record["expert_load"] = float(result.expert_load)
+                    if result.mtp_loss is not None:
+                        record["mtp_loss"] = float(result.mtp_loss)
                     if cfg.metrics.log_sequence_ids:
                         record["sequence_ids"] = self.global_batch_ids()
                     log.write(record)
