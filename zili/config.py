@@ -143,6 +143,8 @@ class ParallelismConfig:
 class MoEConfig:
     bias_update_rate: float = _f(0.001, "step of the expert-balancing bias after each optimizer step (sigmoid "
                                         "routing, DeepSeek-V3); 0 = off")
+    aux_loss_coef: float = _f(0.0, "weight of the sequence-wise balance loss added to the objective (DeepSeek-V3 "
+                                   "used 0.0001); 0 = off")
 
 
 SECTIONS = {

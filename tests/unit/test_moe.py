@@ -75,7 +75,7 @@ def reference_forward(layer: moe.MoE, x: torch.Tensor) -> torch.Tensor:
 def test_routing_picks_the_reference_experts_and_weights(args):
     layer = build(args)
     x = torch.randn(40, args.dim)
-    weights, indices = layer.gate(x)
+    weights, indices, _ = layer.gate(x)
     logits = F.linear(x, layer.gate.weight)
     for t in range(len(x)):
         want = reference_route(args, logits[t], layer.gate.e_score_correction_bias)
@@ -135,3 +135,42 @@ def test_balancing_bias_moves_towards_the_mean_load_and_counts_training_tokens_o
 def test_impossible_routing_is_one_line_error(change, message):
     with pytest.raises(UserError, match=message):
         dataclasses.replace(BASE, **change).validate()
+
+
+def test_sequence_balance_loss_is_one_when_even_and_trains_the_router():
+    n_experts, tokens = 4, 8  # top 2
+    even = torch.full((tokens, n_experts), 0.5)  # equal scores, every expert chosen equally often
+    indices = torch.tensor([[0, 1], [2, 3]] * (tokens // 2))
+    assert float(moe.sequence_balance_loss(even, indices, (1, tokens, 16))) == pytest.approx(1.0)
+    skewed = torch.tensor([[0.9, 0.8, 0.1, 0.1]] * tokens)
+    lopsided = torch.tensor([[0, 1]] * tokens)  # every token to experts 0 and 1
+    assert float(moe.sequence_balance_loss(skewed, lopsided, (1, tokens, 16))) > 1.5
+    # in a training forward the layer leaves coef x the loss; its gradient reaches the router only
+    layer = build(SIGMOID)
+    layer.aux_loss_coef = 0.01
+    layer(torch.randn(2, 8, SIGMOID.dim))
+    assert layer.aux_loss is not None and layer.aux_loss.item() > 0
+    layer.aux_loss.backward()
+    assert layer.gate.weight.grad.abs().sum() > 0 and layer.experts.w_up.grad is None
+
+
+def test_train_step_adds_the_balance_loss_to_the_objective_not_to_the_reported_loss():
+    import contextlib
+
+    from tests.unit.test_mla import MLA
+    from tests.unit.test_mtp import OnePart
+    from zili.models.transformer import Transformer
+    from zili.train.step import forward_backward
+
+    tokens = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for coef in (0.0, 0.5):
+        model = Transformer(MLA)
+        model.init_weights(0)
+        for layer in model.expert_layers():
+            layer.aux_loss_coef = coef
+        loss, _ = forward_backward(OnePart(model), tokens[:, :-1], tokens[:, 1:], micro_batch=2,
+                                   autocast=contextlib.nullcontext)
+        results.append((loss, model.blocks["1"].mlp.gate.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert not torch.allclose(results[0][1], results[1][1])

@@ -16,10 +16,14 @@ go through its weights in one grouped matrix multiply per projection (`zili.comp
 over experts. Expert weights are stacked: `w_gate`, `w_up` (E, moe_ffn_dim, dim) and `w_down` (E, dim,
 moe_ffn_dim), each expert's slice laid out as an `nn.Linear` weight.
 
-Balancing: the training tokens each expert received since the last update are counted (`tokens_per_expert`);
-`update_bias(rate)` moves the bias by `rate` towards the mean load (up for experts below it, down above it),
-DeepSeek-V3's update, and resets the count. The bias is a persistent fp32 buffer of sigmoid-routed layers
-(checkpointed; Hugging Face's `mlp.gate.e_score_correction_bias`); softmax-routed layers have none.
+Balancing (two ways, both DeepSeek-V3's): the training tokens each expert received since the last update are
+counted (`tokens_per_expert`); `update_bias(rate)` moves the bias by `rate` towards the mean load (up for experts
+below it, down above it), DeepSeek-V3's update, and resets the count. The bias is a persistent fp32 buffer of
+sigmoid-routed layers (checkpointed; Hugging Face's `mlp.gate.e_score_correction_bias`); softmax-routed layers
+have none.
+Optionally, with `aux_loss_coef` > 0 (set from `moe.aux_loss_coef`), a training forward also leaves
+`aux_loss` = coef x the sequence-wise balance loss (`sequence_balance_loss`) for the train step to add to
+the objective.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, dim) -> (weights (N, top_k) fp32, expert indices (N, top_k) int64)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, dim) -> (weights (N, top_k) fp32, expert indices (N, top_k) int64, every expert's score (N, E)
+        fp32: softmax probabilities or sigmoids, without the bias)."""
         a = self.args
         logits = F.linear(x.float(), self.weight.float())
         if a.score_func == "softmax":
@@ -66,7 +71,23 @@ class Router(nn.Module):
         weights = scores.gather(1, indices)
         if a.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * a.routed_scaling_factor, indices
+        return weights * a.routed_scaling_factor, indices, scores
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, without its coefficient: per sequence sum_i f_i P_i, with f_i
+    = E / (top_k T) x the tokens choosing expert i and P_i the mean over the T tokens of expert i's score
+    normalised over all experts; averaged over the sequences. 1.0 when every sequence spreads evenly.
+    scores (N, E), indices (N, top_k) for N = B x T tokens of input `shape` (B, T, dim) (or (N, dim): one
+    sequence)."""
+    n_experts, k = scores.shape[1], indices.shape[1]
+    batch = shape[0] if len(shape) == 3 else 1
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, n_experts)
+    tokens = probs.shape[1]
+    chosen = indices.view(batch, tokens * k)
+    counts = torch.zeros(batch, n_experts, device=scores.device).scatter_add_(
+        1, chosen, torch.ones_like(chosen, dtype=torch.float32))
+    return (counts * (n_experts / (k * tokens)) * probs.mean(dim=1)).sum(dim=1).mean()
 
 
 class SwiGLUExperts(nn.Module):
@@ -100,11 +121,15 @@ class MoE(nn.Module):
         self.experts = SwiGLUExperts(args.n_routed_experts, args.dim, args.moe_ffn_dim)
         self.shared_experts = shared
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
+        self.aux_loss_coef = 0.0  # set from outside (moe.aux_loss_coef); > 0: `aux_loss` in training
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(x)
+        weights, indices, scores = self.gate(x)
+        if self.training and self.aux_loss_coef > 0:
+            self.aux_loss = self.aux_loss_coef * sequence_balance_loss(scores, indices, shape)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert, tokens in order within
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)

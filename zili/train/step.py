@@ -56,6 +56,9 @@ def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocas
             logits, mtp_logits = out if mtp_weight else (out, None)
             loss = lm_loss(logits, targets[chunk]) / n_micro
             objective = loss
+            aux = [layer.aux_loss for layer in expert_layers(part) if layer.aux_loss is not None] if train else []
+            if aux:  # the experts' sequence-wise balance losses, weighted already
+                objective = objective + torch.stack(aux).sum() / n_micro
             if mtp_logits is not None:  # position i predicts token i+2: the targets from position 1 on
                 mtp_loss = lm_loss(mtp_logits, targets[chunk][:, 1:]) / n_micro
                 objective = loss + mtp_weight * mtp_loss
@@ -148,11 +151,16 @@ class StepResult:
     mtp_loss: torch.Tensor | None = None  # the multi-token-prediction loss (nats/token); None without it
 
 
+def expert_layers(part) -> list:
+    """The mixture-of-experts feed-forwards of one model part (none for other modules)."""
+    return part.expert_layers() if hasattr(part, "expert_layers") else []
+
+
 def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) -> torch.Tensor | None:
     """After an optimizer step: the step's expert load (max over this rank's expert layers of busiest ÷ mean,
     0-dim device tensor; None for a dense model), then each sigmoid-routed layer's balancing-bias update by
     `rate` — none when the step was skipped — and the load counts restarted."""
-    layers = [layer for part in model.parts if hasattr(part, "expert_layers") for layer in part.expert_layers()]
+    layers = [layer for part in model.parts for layer in expert_layers(part)]
     if not layers:
         return None
     load = torch.stack([layer.load_imbalance() for layer in layers]).max()

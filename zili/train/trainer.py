@@ -40,7 +40,7 @@ from zili.parallel.apply import parallelize
 from zili.parallel.mesh import build_mesh, check_layout, dp_rank, resolve_layout
 from zili.train.metrics import MetricsLog
 from zili.train.optim import build_optimizer, lr_at, set_lr
-from zili.train.step import StepResult, forward_backward, lm_loss, train_step
+from zili.train.step import StepResult, expert_layers, forward_backward, lm_loss, train_step
 
 
 def dataset_dir(cfg: Config) -> Path:
@@ -109,6 +109,8 @@ class Trainer:
                                  compute_dtype=self.dtype, initial_value=initial_value, loss_fn=lm_loss)
         if initial_value is not None:
             self.hf["dtype"] = str(initial_value.source_dtype).removeprefix("torch.")
+        for layer in (layer for part in self.model.parts for layer in expert_layers(part)):
+            layer.aux_loss_coef = cfg.moe.aux_loss_coef
         self.optimizers = [build_optimizer(part, cfg.optimizer, self.accel.type) for part in self.model.parts]
         self.step = 0
         # non-finite steps, counted on the device (read at logged steps and checkpoints: no sync per step)
