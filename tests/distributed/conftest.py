@@ -1,21 +1,24 @@
-"""Real multi-process runs on CPU with gloo: `zili_ranks(n, *args)` starts n `python -m zili train`
-processes with the environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT),
-waits for all of them and returns their results; `zili_torchrun` goes through torchrun itself;
-`python_ranks(n, script, *args)` runs any Python script the same way."""
+"""Real multi-process runs on CPU with gloo: `zili_ranks(n, *args)` starts n ranks of `zili train` (forked from one
+process that imported zili, see fork_ranks.py) with the environment torchrun would give them (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR/PORT), waits for all of them and returns their results; `zili_torchrun` goes through
+torchrun and `python -m zili` itself; `python_ranks(n, script, *args)` runs any Python script the same way."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, seed_peak_flops
 
 REPO = Path(__file__).resolve().parents[2]
 # 20 logged steps of a tiny untied model in fp32, with validation at 0, 10 and 20 and the sequence ids
@@ -38,23 +41,48 @@ def _free_port() -> int:
 
 
 def _env(tmp_path: Path) -> dict:
+    seed_peak_flops(tmp_path / "cache")
     return {**os.environ, "ZILI_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture
-def zili_ranks(tmp_path):
+def zili_ranks(tmp_path, peak_flops):
     """Run `zili train ARGS` as `n` real processes joined by gloo; returns one RankResult per rank."""
 
     def run(n: int, *args: str, timeout: int = 300) -> list[RankResult]:
-        return launch_ranks(n, [sys.executable, "-m", "zili", "train", *map(str, args)], tmp_path, timeout)
+        return launch_zili_ranks(n, list(map(str, args)), tmp_path, timeout)
 
     return run
 
 
+def launch_zili_ranks(n: int, args: list[str], tmp_path: Path, timeout: int) -> list[RankResult]:
+    """`zili train ARGS` as `n` processes with torchrun's environment in `tmp_path`, forked from one process that
+    imported zili (fork_ranks.py); each rank's output includes what the import printed."""
+    out = Path(tempfile.mkdtemp(prefix="ranks-", dir=tmp_path))
+    launcher = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_ranks.py")), str(out), str(n),
+                                 str(_free_port()), "--", *args], env=_env(tmp_path), cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        launcher.wait(timeout=timeout)
+    finally:
+        if launcher.poll() is None or any(not (out / f"rank{r}.rc").exists() for r in range(n)):
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and every rank still running
+            launcher.wait()
+
+    def text(name: str) -> str:
+        path = out / name
+        return path.read_text() if path.exists() else ""
+
+    results = [RankResult(rank, int(text(f"rank{rank}.rc") or -9), text("import.out") + text(f"rank{rank}.out"),
+                          text("import.err") + text(f"rank{rank}.err")) for rank in range(n)]
+    shutil.rmtree(out)
+    return results
+
+
 @pytest.fixture
-def zili_torchrun(tmp_path):
+def zili_torchrun(tmp_path, peak_flops):
     """Run `torchrun --standalone --nproc-per-node N -m zili train ARGS` (the documented launch)."""
 
     def run(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -118,7 +146,7 @@ def assert_losses_match(reference: dict[int, dict], other: dict[int, dict], step
 
 
 @pytest.fixture(scope="session")
-def reference_runs(tmp_path_factory, tiny_dataset):
+def reference_runs(tmp_path_factory, tiny_dataset, peak_flops):
     """Single-process runs of PARITY with 2 and 4 layers: {n_layers: metrics by step}."""
     root = tmp_path_factory.mktemp("reference")
     env = _env(root)

@@ -6,13 +6,12 @@ a multi-process layout is refused in one line."""
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.conftest import TINY_MODEL
-from tests.distributed.conftest import launch_ranks
+from tests.distributed.conftest import launch_zili_ranks
 from zili.checkpoint import list_checkpoints
 
 MOE = [*TINY_MODEL, "--model.preset=tiny-moe", "--model.n_layers=2", "--model.dim=64", "--model.ffn_dim=128",
@@ -54,8 +53,8 @@ def test_moe_model_trains_balances_and_resumes_exactly(zili_cli, tiny_dataset, t
 
 
 def test_moe_refuses_several_processes_in_one_line(tiny_dataset, tmp_path):
-    results = launch_ranks(2, [sys.executable, "-m", "zili", "train", *MOE, f"--data.dataset={tiny_dataset}",
-                               f"--training.run_dir={tmp_path / 'run'}"], tmp_path, 120)
+    results = launch_zili_ranks(2, [*MOE, f"--data.dataset={tiny_dataset}", f"--training.run_dir={tmp_path / 'run'}"],
+                                tmp_path, 120)
     assert [r.returncode for r in results] == [2, 2]
     assert "mixture-of-experts models on one device" in results[0].stderr
     assert results[0].stderr.strip().count("\n") == 0

@@ -36,14 +36,17 @@ def test_import_then_export_is_bit_identical(hf_models, tmp_path, kind):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_dataset):
+def trained_run(tmp_path_factory, tiny_dataset, peak_flops):
     """A tiny zili model trained from scratch for 5 steps (fp32, untied head), with its checkpoint."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.conftest import seed_peak_flops
+
     root = tmp_path_factory.mktemp("trained")
+    seed_peak_flops(root / "cache")
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "ZILI_CACHE": str(root / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
