@@ -1,14 +1,27 @@
-"""Training throughput of zili against Hugging Face transformers' Qwen2ForCausalLM, same model, same machine.
+"""Training throughput of zili against Hugging Face transformers, same model, same machine: a dense decoder
+against Qwen2ForCausalLM (the default case) or a mixture of experts against Qwen3MoeForCausalLM (`--case moe`).
 
-    python benchmarks/train_throughput.py [--steps 6] [--warmup 2] [--no-compile] [--allocator tuned|default]
-                                          [--dtype auto|bf16|fp32]
+    python benchmarks/train_throughput.py [--case dense|moe] [--steps 6] [--warmup 2] [--no-compile]
+                                          [--allocator tuned|default] [--dtype auto|bf16|fp32] [--profile]
 
-Both sides train the same architecture (default: dim 1024, 8 layers, 16 heads, 4 KV heads, SwiGLU 2816,
-vocab 8192, q/k/v bias like Qwen2, untied head) on the same token batch (8 x 512), under
+Both sides train the same architecture on the same token batch (8 x 512), under
 `torch.autocast(device, dtype=torch.bfloat16)` (or in plain fp32 with `--dtype fp32`, and with `auto` where
 zili's accelerator layer would not use bf16, e.g. a CPU without native bf16 instructions) with fp32 master
-weights, clipping the gradient norm to
-1.0 and stepping AdamW:
+weights, clipping the gradient norm to 1.0 and stepping AdamW. The architectures:
+
+- dense (default): dim 1024, 8 layers, 16 heads, 4 KV heads, SwiGLU 2816, vocab 8192, q/k/v bias like Qwen2,
+  untied head;
+- moe: Qwen3-MoE's block at dim 1024, 8 layers, 16 heads of 64, 4 KV heads, no q/k/v bias, per-head q/k RMSNorm
+  (zili's `qk_norm`; where zili lacks it, transformers' q/k norms are replaced by the identity and the JSON says
+  so), vocab 8192, untied head; every block an expert layer of 32 SwiGLU experts of width 512, top 4 by softmax
+  with the kept weights renormalised (norm_topk_prob), no shared expert. At start zili's initial weights are
+  copied into the transformers model (the stacked experts `w_gate`/`w_up` (E, ffn, dim) and `w_down` (E, dim,
+  ffn) into transformers 5's `mlp.experts.gate_up_proj` (E, 2 ffn, dim) and `down_proj` (E, dim, ffn)), and
+  the largest fp32 logit difference of the two on one sequence is reported (`same_function_check`): both
+  sides then train the same function from the same weights. transformers runs its default experts
+  implementation (grouped_mm where torch has it; `--hf-experts eager` for its loop over experts).
+
+The sides:
 
 - zili: the model built through `parallelize` and stepped by `train_step` — the very construction and
   step function the trainer runs; unless `--no-compile`, also a second copy with `training.compile = true`.
@@ -19,6 +32,7 @@ Steps are interleaved (one of each per round, the order rotating every round), s
 every side alike; warm-up rounds (and compilation) are excluded. Reported: median step time and tokens/s
 per side, and the speedup as the median over rounds of (transformers step time / zili step time) in the
 same round. The glibc allocator setting (`--allocator`) is process-wide, hence the same for both sides.
+`--profile` adds one more eager zili step under torch.profiler and lists the ops with the most self time.
 Nothing here asserts a time: the output is one JSON object.
 """
 
@@ -31,6 +45,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -41,7 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from zili.accel import Accelerator, cpu_model_name  # noqa: E402
 from zili.config import Config, OptimizerConfig  # noqa: E402
 from zili.cpu import tune_allocator  # noqa: E402
+from zili.interop.hf import hf_name  # noqa: E402
 from zili.models.args import ModelArgs  # noqa: E402
+from zili.models.flops import flops_per_token, matmul_params, param_counts  # noqa: E402
 from zili.models.transformer import Transformer  # noqa: E402
 from zili.parallel.apply import parallelize  # noqa: E402
 from zili.train.optim import build_optimizer  # noqa: E402
@@ -50,6 +67,9 @@ from zili.train.step import lm_loss, train_step  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=("dense", "moe"), default="dense",
+                   help="dense: against Qwen2ForCausalLM (the default); moe: a mixture of experts against "
+                        "Qwen3MoeForCausalLM")
     p.add_argument("--steps", type=int, default=6, help="measured steps per side (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side first")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -66,10 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--ffn", type=int, default=2816, help="dense case: SwiGLU width")
+    p.add_argument("--experts", type=int, default=32, help="moe case: routed experts per layer")
+    p.add_argument("--top-k", type=int, default=4, help="moe case: experts per token")
+    p.add_argument("--expert-ffn", type=int, default=512, help="moe case: SwiGLU width of each expert")
+    p.add_argument("--hf-experts", default="default",
+                   help="moe case: transformers' experts_implementation ('default' = what transformers picks, "
+                        "grouped_mm where torch has it; 'eager' = its loop over experts; 'batched_mm')")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tied", action="store_true", help="tie input embedding and output head (both sides)")
     p.add_argument("--no-hf", action="store_true", help="zili only (no transformers needed)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed rounds, one more eager zili step under torch.profiler: top ops in the JSON")
     return p.parse_args(argv)
 
 
@@ -85,6 +113,7 @@ def zili_side(args: ModelArgs, device, inputs, targets, autocast, compiled: bool
         return train_step(model, optimizers, inputs, targets, micro_batch=inputs.shape[0], autocast=autocast,
                           grad_clip=1.0).loss
 
+    step.model = model.parts[0]  # the Transformer (one part: no pipeline here)
     return step
 
 
@@ -99,6 +128,95 @@ def hf_side(args: ModelArgs, device, inputs, targets, autocast):
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(device).train()
+    return hf_loop(model, inputs, targets, autocast)
+
+
+def has_qk_norm() -> bool:
+    """Whether zili's ModelArgs has Qwen3's per-head q/k RMSNorm (`qk_norm`)."""
+    return "qk_norm" in {f.name for f in fields(ModelArgs)}
+
+
+def moe_args(opts: argparse.Namespace) -> ModelArgs:
+    """The moe case's architecture: Qwen3-MoE's block (GQA, no q/k/v bias, per-head q/k RMSNorm where zili has
+    it), softmax top-k routing with renormalised weights, every block an expert layer, no shared expert."""
+    extra = {"qk_norm": True} if has_qk_norm() else {}
+    return ModelArgs(n_layers=opts.layers, dim=opts.dim, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
+                     ffn_dim=opts.ffn, vocab_size=opts.vocab, qkv_bias=False, tied_embeddings=opts.tied,
+                     rope_theta=1_000_000.0, norm_eps=1e-6, max_seq_len=opts.seq, n_routed_experts=opts.experts,
+                     n_shared_experts=0, top_k=opts.top_k, moe_ffn_dim=opts.expert_ffn, n_dense_layers=0,
+                     score_func="softmax", norm_topk_prob=True, routed_scaling_factor=1.0, **extra).validate()
+
+
+def hf_moe_model(args: ModelArgs, device, experts_implementation: str = "default"):
+    """transformers' Qwen3MoeForCausalLM of the same shape (its own random initialisation), training mode.
+    Where zili has no `qk_norm` yet, its per-head q/k RMSNorms are replaced by the identity so that both
+    sides compute the same function (TODO(issue 14): gone once ModelArgs.qk_norm exists everywhere)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    extra = {} if experts_implementation == "default" else {"experts_implementation": experts_implementation}
+    config = Qwen3MoeConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        head_dim=args.head_dim, max_position_embeddings=args.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta}, rms_norm_eps=args.norm_eps,
+        tie_word_embeddings=args.tied_embeddings, attention_bias=False, num_experts=args.n_routed_experts,
+        num_experts_per_tok=args.top_k, moe_intermediate_size=args.moe_ffn_dim, norm_topk_prob=args.norm_topk_prob,
+        decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False, attn_implementation="sdpa", **extra,
+    )
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config)
+    if not getattr(args, "qk_norm", False):
+        for layer in model.model.layers:
+            layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
+    return model.to(device).train()
+
+
+@torch.no_grad()
+def copy_to_hf(zili_model: torch.nn.Module, hf_model: torch.nn.Module) -> None:
+    """zili's weights into the transformers model. Stacked experts: zili's `w_gate`, `w_up` (E, ffn, dim) become
+    transformers 5's `gate_up_proj` (E, 2 ffn, dim; gate rows first), `w_down` (E, dim, ffn) its `down_proj`."""
+    hf = dict(hf_model.named_parameters())
+    done = set()
+    for name, p in zili_model.named_parameters():
+        if name.endswith("experts.w_up"):
+            continue
+        if name.endswith("experts.w_gate"):
+            prefix = name[: -len("w_gate")]
+            up = zili_model.get_parameter(prefix + "w_up")
+            target, value = hf_name(prefix + "gate_up_proj"), torch.cat([p, up], dim=1)
+        elif name.endswith("experts.w_down"):
+            target, value = hf_name(name[: -len("w_down")] + "down_proj"), p
+        else:
+            target, value = hf_name(name), p
+        if target not in hf:
+            raise ValueError(f"transformers has no {target} (for zili's {name}): the moe case maps transformers "
+                             "5's stacked experts (mlp.experts.gate_up_proj, down_proj)")
+        if hf[target].shape != value.shape:
+            raise ValueError(f"{name} {tuple(value.shape)} does not fit {target} {tuple(hf[target].shape)}")
+        hf[target].copy_(value)
+        done.add(target)
+    if missing := sorted(set(hf) - done - ({"lm_head.weight"} if zili_model.args.tied_embeddings else set())):
+        raise ValueError(f"transformers parameters left at their own initial values: {missing}")
+
+
+@torch.no_grad()
+def max_logit_difference(zili_model: torch.nn.Module, hf_model: torch.nn.Module, tokens: torch.Tensor) -> dict:
+    """Both models' fp32 logits (no autocast) on `tokens`: the largest absolute difference and, for scale, the
+    largest absolute logit. The MoE layers' load counters are left as they were (evaluation mode)."""
+    zili_model.eval()
+    hf_model.eval()
+    try:
+        a = zili_model(tokens).float()
+        b = hf_model(input_ids=tokens).logits.float()
+    finally:
+        zili_model.train()
+        hf_model.train()
+    return {"max_abs_logit_diff_fp32": float((a - b).abs().max()), "max_abs_logit": float(a.abs().max()),
+            "tokens": list(tokens.shape)}
+
+
+def hf_loop(model, inputs, targets, autocast):
+    """An ordinary transformers training step: forward, fp32 cross-entropy, backward, clip, AdamW, zero_grad."""
     cfg = OptimizerConfig()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
@@ -124,6 +242,21 @@ def timed(step, device) -> tuple[float, float]:
     return time.perf_counter() - t0, loss
 
 
+def profile_step(step, device, top: int = 25) -> dict:
+    """One step under torch.profiler: its seconds and the ops with the most self time (CPU or device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds, _ = timed(step, device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return {"step_s": round(seconds, 3), "sort_by": key,
+            "top_ops": [{"op": e.key, "calls": e.count, "self_s": round(getattr(e, key) / 1e6, 4),
+                         "share": round(getattr(e, key) / total, 4)} for e in events[:top]]}
+
+
 def summary(times: list[float], tokens: int) -> dict:
     med = statistics.median(times)
     return {"tokens_per_s": round(tokens / med, 1), "step_s_median": round(med, 4),
@@ -138,9 +271,13 @@ def main(argv=None) -> dict:
     if opts.allocator == "tuned":
         allocator = "tuned (mallopt, both sides)" if tune_allocator() else "default (no glibc mallopt)"
     device = torch.device(opts.device)
-    args = ModelArgs(n_layers=opts.layers, dim=opts.dim, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
-                     ffn_dim=opts.ffn, vocab_size=opts.vocab, qkv_bias=True, tied_embeddings=opts.tied,
-                     rope_theta=1_000_000.0, norm_eps=1e-6, max_seq_len=opts.seq).validate()
+    moe = opts.case == "moe"
+    if moe:
+        args = moe_args(opts)
+    else:
+        args = ModelArgs(n_layers=opts.layers, dim=opts.dim, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
+                         ffn_dim=opts.ffn, vocab_size=opts.vocab, qkv_bias=True, tied_embeddings=opts.tied,
+                         rope_theta=1_000_000.0, norm_eps=1e-6, max_seq_len=opts.seq).validate()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (opts.batch, opts.seq + 1), generator=gen).to(device)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -151,7 +288,14 @@ def main(argv=None) -> dict:
     sides = {"zili": zili_side(args, device, inputs, targets, autocast, compiled=False)}
     if opts.compile:
         sides["zili_compiled"] = zili_side(args, device, inputs, targets, autocast, compiled=True)
-    if not opts.no_hf:
+    check = None
+    if not opts.no_hf and moe:  # same weights on both sides, checked to compute the same function
+        hf_model = hf_moe_model(args, device, opts.hf_experts)
+        copy_to_hf(sides["zili"].model, hf_model)
+        check = max_logit_difference(sides["zili"].model, hf_model, inputs[:1])
+        check["experts_implementation"] = hf_model.config._experts_implementation
+        sides["transformers"] = hf_loop(hf_model, inputs, targets, autocast)
+    elif not opts.no_hf:
         sides["transformers"] = hf_side(args, device, inputs, targets, autocast)
 
     first_step_s, losses = {}, {name: [] for name in sides}
@@ -171,11 +315,25 @@ def main(argv=None) -> dict:
             losses[name].append(loss)
 
     n_tokens = opts.batch * opts.seq
+    if moe:
+        model = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+                 "head_dim": args.head_dim, "n_routed_experts": args.n_routed_experts, "top_k": args.top_k,
+                 "moe_ffn_dim": args.moe_ffn_dim, "n_shared_experts": 0, "n_dense_layers": 0,
+                 "routing": "softmax, top-k weights renormalised (norm_topk_prob)", "vocab_size": args.vocab_size,
+                 "qkv_bias": False, "tied_embeddings": args.tied_embeddings,
+                 "qk_norm": bool(getattr(args, "qk_norm", False)),
+                 "params_total": param_counts(args)["total"], "params_active_matmul": matmul_params(args),
+                 "flops_per_token": flops_per_token(args, opts.seq)}
+        if not model["qk_norm"]:
+            model["qk_norm_note"] = ("zili has no per-head q/k RMSNorm yet: transformers' q_norm/k_norm replaced "
+                                     "by the identity, so both sides compute the same function")
+    else:
+        model = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+                 "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size,
+                 "qkv_bias": True, "tied_embeddings": args.tied_embeddings}
     result: dict = {
-        "benchmark": "train_throughput",
-        "model": {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-                  "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size,
-                  "qkv_bias": True, "tied_embeddings": args.tied_embeddings},
+        "benchmark": "train_throughput" if not moe else "train_throughput_moe",
+        "model": model,
         "batch": opts.batch, "seq_len": opts.seq, "tokens_per_step": n_tokens,
         "precision": ("bf16 autocast" if dtype == torch.bfloat16 else "fp32") + ", fp32 master weights",
         "optimizer": "AdamW (zili: build_optimizer, fused; transformers: torch.optim.AdamW defaults)",
@@ -187,6 +345,10 @@ def main(argv=None) -> dict:
         import transformers
 
         result["transformers_version"] = transformers.__version__
+    if moe:
+        result["peer"] = "transformers Qwen3MoeForCausalLM"
+    if check is not None:
+        result["same_function_check"] = check
     for name in names:
         result[name] = summary(times[name], n_tokens)
         result[name]["first_step_s"] = first_step_s.get(name)
@@ -198,6 +360,8 @@ def main(argv=None) -> dict:
             suffix = name[len("zili"):]
             result["speedup" + suffix] = round(statistics.median(per_round), 3)
             result["speedup" + suffix + "_per_round"] = [round(x, 3) for x in per_round]
+    if opts.profile:
+        result["profile_zili"] = profile_step(sides["zili"], device)
     try:
         import resource
 

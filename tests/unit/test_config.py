@@ -88,3 +88,27 @@ def test_describe_lists_every_key_with_default():
         assert key in text
     assert '"tiny"' in text and "400" in text
     assert Config().training.steps == 400
+
+
+def test_moe_demo_config_matches_the_dense_demo_compute():
+    """configs/moe-demo.toml loads and validates, is DeepSeek-V3-shaped, and trains the dense demo's data for at
+    most the dense demo's training FLOPs (the comparison docs/moe.md reports is at equal active compute)."""
+    from pathlib import Path
+
+    from zili.models.flops import flops_per_token
+    from zili.models.presets import resolve
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    dense, moe = load_config(configs / "demo.toml"), load_config(configs / "moe-demo.toml")
+    assert dense == load_config()  # the dense demo file is the defaults
+    a_dense, a_moe = resolve(dense.model, 2048), resolve(moe.model, 2048)
+    assert a_moe.is_moe and a_moe.score_func == "sigmoid" and a_moe.n_group > 1 and a_moe.topk_group < a_moe.n_group
+    assert a_moe.n_shared_experts == 1 and a_moe.n_dense_layers == 1
+    assert (moe.data, moe.training.batch_size, moe.training.seq_len, moe.training.dtype) == (
+        dense.data, dense.training.batch_size, dense.training.seq_len, dense.training.dtype)
+
+    def train_flops(cfg, args):
+        return cfg.training.steps * cfg.training.batch_size * cfg.training.seq_len * flops_per_token(
+            args, cfg.training.seq_len)
+
+    assert 0.97 <= train_flops(moe, a_moe) / train_flops(dense, a_dense) <= 1.0
