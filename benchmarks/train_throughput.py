@@ -12,11 +12,10 @@ weights, clipping the gradient norm to 1.0 and stepping AdamW. The architectures
 - dense (default): dim 1024, 8 layers, 16 heads, 4 KV heads, SwiGLU 2816, vocab 8192, q/k/v bias like Qwen2,
   untied head;
 - moe: Qwen3-MoE's block at dim 1024, 8 layers, 16 heads of 64, 4 KV heads, no q/k/v bias, per-head q/k RMSNorm
-  (zili's `qk_norm`; where zili lacks it, transformers' q/k norms are replaced by the identity and the JSON says
-  so), vocab 8192, untied head; every block an expert layer of 32 SwiGLU experts of width 512, top 4 by softmax
-  with the kept weights renormalised (norm_topk_prob), no shared expert. At start zili's initial weights are
-  copied into the transformers model (the stacked experts `w_gate`/`w_up` (E, ffn, dim) and `w_down` (E, dim,
-  ffn) into transformers 5's `mlp.experts.gate_up_proj` (E, 2 ffn, dim) and `down_proj` (E, dim, ffn)), and
+  (zili's `qk_norm`), vocab 8192, untied head; every block an expert layer of 32 SwiGLU experts of width 512,
+  top 4 by softmax with the kept weights renormalised (norm_topk_prob), no shared expert. At start zili's initial
+  weights are copied into the transformers model (the stacked experts `w_gate`/`w_up` (E, ffn, dim) and `w_down`
+  (E, dim, ffn) into transformers 5's `mlp.experts.gate_up_proj` (E, 2 ffn, dim) and `down_proj` (E, dim, ffn)), and
   the largest fp32 logit difference of the two on one sequence is reported (`same_function_check`): both
   sides then train the same function from the same weights. transformers runs its default experts
   implementation (grouped_mm where torch has it; `--hf-experts eager` for its loop over experts).
@@ -45,7 +44,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -131,26 +129,18 @@ def hf_side(args: ModelArgs, device, inputs, targets, autocast):
     return hf_loop(model, inputs, targets, autocast)
 
 
-def has_qk_norm() -> bool:
-    """Whether zili's ModelArgs has Qwen3's per-head q/k RMSNorm (`qk_norm`)."""
-    return "qk_norm" in {f.name for f in fields(ModelArgs)}
-
-
 def moe_args(opts: argparse.Namespace) -> ModelArgs:
     """The moe case's architecture: Qwen3-MoE's block (GQA, no q/k/v bias, per-head q/k RMSNorm where zili has
     it), softmax top-k routing with renormalised weights, every block an expert layer, no shared expert."""
-    extra = {"qk_norm": True} if has_qk_norm() else {}
     return ModelArgs(n_layers=opts.layers, dim=opts.dim, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
                      ffn_dim=opts.ffn, vocab_size=opts.vocab, qkv_bias=False, tied_embeddings=opts.tied,
                      rope_theta=1_000_000.0, norm_eps=1e-6, max_seq_len=opts.seq, n_routed_experts=opts.experts,
                      n_shared_experts=0, top_k=opts.top_k, moe_ffn_dim=opts.expert_ffn, n_dense_layers=0,
-                     score_func="softmax", norm_topk_prob=True, routed_scaling_factor=1.0, **extra).validate()
+                     score_func="softmax", norm_topk_prob=True, routed_scaling_factor=1.0, qk_norm=True).validate()
 
 
 def hf_moe_model(args: ModelArgs, device, experts_implementation: str = "default"):
-    """transformers' Qwen3MoeForCausalLM of the same shape (its own random initialisation), training mode.
-    Where zili has no `qk_norm` yet, its per-head q/k RMSNorms are replaced by the identity so that both
-    sides compute the same function (TODO(issue 14): gone once ModelArgs.qk_norm exists everywhere)."""
+    """transformers' Qwen3MoeForCausalLM of the same shape (its own random initialisation), training mode."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     extra = {} if experts_implementation == "default" else {"experts_implementation": experts_implementation}
@@ -165,9 +155,6 @@ def hf_moe_model(args: ModelArgs, device, experts_implementation: str = "default
     )
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(config)
-    if not getattr(args, "qk_norm", False):
-        for layer in model.model.layers:
-            layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
     return model.to(device).train()
 
 
@@ -321,12 +308,9 @@ def main(argv=None) -> dict:
                  "moe_ffn_dim": args.moe_ffn_dim, "n_shared_experts": 0, "n_dense_layers": 0,
                  "routing": "softmax, top-k weights renormalised (norm_topk_prob)", "vocab_size": args.vocab_size,
                  "qkv_bias": False, "tied_embeddings": args.tied_embeddings,
-                 "qk_norm": bool(getattr(args, "qk_norm", False)),
+                 "qk_norm": args.qk_norm,
                  "params_total": param_counts(args)["total"], "params_active_matmul": matmul_params(args),
                  "flops_per_token": flops_per_token(args, opts.seq)}
-        if not model["qk_norm"]:
-            model["qk_norm_note"] = ("zili has no per-head q/k RMSNorm yet: transformers' q_norm/k_norm replaced "
-                                     "by the identity, so both sides compute the same function")
     else:
         model = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
                  "n_kv_heads": args.n_kv_heads, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size,
