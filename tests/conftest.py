@@ -65,7 +65,8 @@ def peak_flops(tmp_path_factory) -> dict[str, float]:
             del os.environ["ZILI_CACHE"]
         else:
             os.environ["ZILI_CACHE"] = before
-    _PEAK_FLOPS.update(json.loads((cache / "peak_flops.json").read_text()))
+    if (cache / "peak_flops.json").is_file():  # not written when the host is oversubscribed right now
+        _PEAK_FLOPS.update(json.loads((cache / "peak_flops.json").read_text()))
     return dict(_PEAK_FLOPS)
 
 

@@ -176,3 +176,15 @@ def test_bench_reports_unknown_mfu_as_null(monkeypatch, tmp_path):
     other = {**result, "chip": "h100-sxm", "mfu": 0.4}
     assert "MFU" in compare.table([result, other]) and "40.0%" in compare.table([result, other])
     assert compare.chart([result, other], tmp_path / "chart.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("load, cached", [(0.5, True), (64.0, False)], ids=["quiet", "oversubscribed"])
+def test_cpu_probe_is_cached_only_when_the_host_was_not_oversubscribed(monkeypatch, tmp_path, load, cached):
+    monkeypatch.setenv("ZILI_CACHE", str(tmp_path))
+    monkeypatch.setattr(accel.os, "getloadavg", lambda: (load, load, load))
+    flops = accel.measured_matmul_flops(torch.device("cpu"), torch.float32, size=64, seconds=0.05)
+    assert flops > 0
+    assert (tmp_path / "peak_flops.json").is_file() == cached
+    if cached:  # and then read back, not measured again
+        monkeypatch.setattr(accel.torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+        assert accel.measured_matmul_flops(torch.device("cpu"), torch.float32, size=64, seconds=0.05) == flops
