@@ -91,8 +91,9 @@ def test_describe_lists_every_key_with_default():
 
 
 def test_moe_demo_config_matches_the_dense_demo_compute():
-    """configs/moe-demo.toml loads and validates, is DeepSeek-V3-shaped, and trains the dense demo's data for at
-    most the dense demo's training FLOPs (the comparison docs/moe.md reports is at equal active compute)."""
+    """configs/moe-demo.toml loads and validates, is DeepSeek-V3-shaped (MLA, grouped sigmoid routing, a shared
+    expert, a dense first block) and trains the dense demo's data for at most the training FLOPs the dense demo has
+    spent at its step-300 validation (the comparison docs/moe.md reports is at equal active compute)."""
     from pathlib import Path
 
     from zili.models.flops import flops_per_token
@@ -102,13 +103,13 @@ def test_moe_demo_config_matches_the_dense_demo_compute():
     dense, moe = load_config(configs / "demo.toml"), load_config(configs / "moe-demo.toml")
     assert dense == load_config()  # the dense demo file is the defaults
     a_dense, a_moe = resolve(dense.model, 2048), resolve(moe.model, 2048)
-    assert a_moe.is_moe and a_moe.score_func == "sigmoid" and a_moe.n_group > 1 and a_moe.topk_group < a_moe.n_group
+    assert a_moe.is_mla and a_moe.is_moe and a_moe.score_func == "sigmoid" and a_moe.topk_group < a_moe.n_group
     assert a_moe.n_shared_experts == 1 and a_moe.n_dense_layers == 1
     assert (moe.data, moe.training.batch_size, moe.training.seq_len, moe.training.dtype) == (
         dense.data, dense.training.batch_size, dense.training.seq_len, dense.training.dtype)
+    assert dense.training.eval_every == 100  # the dense demo validates at step 300
 
-    def train_flops(cfg, args):
-        return cfg.training.steps * cfg.training.batch_size * cfg.training.seq_len * flops_per_token(
-            args, cfg.training.seq_len)
+    def flops(steps, cfg, args):
+        return steps * cfg.training.batch_size * cfg.training.seq_len * flops_per_token(args, cfg.training.seq_len)
 
-    assert 0.97 <= train_flops(moe, a_moe) / train_flops(dense, a_dense) <= 1.0
+    assert 0.97 <= flops(moe.training.steps, moe, a_moe) / flops(300, dense, a_dense) <= 1.0
