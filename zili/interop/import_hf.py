@@ -78,10 +78,10 @@ class HFWeights:
     counts the tensor bytes read so far, in the checkpoint's dtype; `source_dtype` is that dtype (None before the
     first read; bfloat16 for a block-quantized FP8 checkpoint)."""
 
-    def __init__(self, hf_dir: Path, model: Transformer, config: dict | None = None):
+    def __init__(self, hf_dir: Path, model: Transformer):
         self.hf_dir = Path(hf_dir)
         self.files = weight_files(self.hf_dir)
-        config = config if config is not None else read_config(self.hf_dir)
+        config = read_config(self.hf_dir)
         self.block = tuple((config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
         self.n_layers = model.args.n_layers
         expected = {hf for name, shape in model_tensors(model).items() for hf in hf_names(name, shape, self.n_layers)}

@@ -128,6 +128,7 @@ class Trainer:
                             "architecture comes from its config.json; drop the override")
         self.args, family = args_from_config(read_config(hf_dir))
         self.args.mtp_depth = self.cfg.model.mtp_depth or 0  # the checkpoint's MTP layer, when asked for
+        self.args.validate()
         theirs, ours = hf_dir / "tokenizer.json", self.dataset.tokenizer_dir / "tokenizer.json"
         if (not theirs.is_file()
                 or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model")):
