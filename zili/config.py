@@ -131,6 +131,8 @@ class ParallelismConfig:
     dp_shard: int = _f(-1, "FSDP shard degree; -1 = whatever the world size leaves")
     tp: int = _f(1, "tensor-parallel degree")
     pp: int = _f(1, "pipeline-parallel degree")
+    cp: int = _f(1, "context-parallel degree: each sequence split over cp ranks")
+    ep: int = _f(1, "expert-parallel degree: each MoE layer's experts split over ep of the dp_shard x cp ranks")
     pp_schedule: str = _f("1F1B", "pipeline schedule (torch.distributed.pipelining)",
                           ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble"))
     pp_microbatches: int = _f(0, "micro-batches per pipeline step (the local batch is split); 0 = the number of stages")

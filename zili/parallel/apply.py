@@ -76,9 +76,10 @@ def materialize(model, device: torch.device, offload: bool) -> None:
 
 
 def _dp_mesh(layout: Layout, mesh):
+    """FSDP's mesh: the dp_shard x cp ranks, replicated over dp_replicate (HSDP)."""
     if layout.dp_replicate > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return mesh["dp_shard_cp"]
 
 
 def transform(model, cfg: Config, layout: Layout, mesh, compute_dtype: torch.dtype, device_type: str = "cpu") -> None:

@@ -2,7 +2,7 @@
 planner and `zili plan --verify` alike.
 
 Ranks are laid out outermost first as pp, dp_replicate, dp_shard, cp, tp — tensor parallelism innermost, so a
-tp group is neighbouring ranks in one node (zili's DeviceMesh; cp is planned, not yet in the trainer's mesh).
+tp group is neighbouring ranks in one node (zili's DeviceMesh).
 Expert parallelism (ep) reuses the dp_shard x cp ranks, as torchtitan does. The data-parallel degree is
 dp = dp_replicate * dp_shard: ranks with the same dp coordinate see the same data. Each pipeline runs
 `microbatches = global_batch / (dp * microbatch)` micro-batches of `microbatch` sequences per optimizer step.
@@ -53,8 +53,8 @@ class Layout:
 
     @property
     def fsdp(self) -> bool:
-        """Parameters are sharded (FSDP2) over the data-parallel ranks."""
-        return self.dp > 1
+        """Parameters are sharded (FSDP2) over the data-parallel and context-parallel ranks."""
+        return self.dp * self.cp > 1
 
     @property
     def shard_group(self) -> int:
@@ -127,8 +127,10 @@ def problem(layout: Layout, args: ModelArgs, *, world_size: int | None = None, s
 
 def trainer_problem(layout: Layout, args: ModelArgs) -> str | None:
     """Why zili's trainer cannot run `layout` on `args` yet, beyond `problem()` (None if it can)."""
-    if layout.cp > 1 or layout.ep > 1:
-        return "zili's trainer has no context or expert parallelism yet — set cp=1 and ep=1"
+    if layout.cp > 1:
+        return "zili's trainer has no context parallelism yet — set cp=1"
+    if layout.ep > 1:
+        return "zili's trainer has no expert parallelism yet — set ep=1"
     if layout.zero != 3 and layout.shard_group > 1:
         return f"zili's trainer shards with FSDP2 (ZeRO-3), not ZeRO-{layout.zero} — use zero=3"
     if layout.recompute == "selective":

@@ -1,8 +1,10 @@
 """The trainer's layout: `[parallelism]` and `[training]` -> a checked `Layout` -> one DeviceMesh.
 
-Mesh dimensions, outermost first: `pp`, `dp_replicate`, `dp_shard`, `tp` (tensor parallelism innermost,
+Mesh dimensions, outermost first: `pp`, `dp_replicate`, `dp_shard`, `cp`, `tp` (tensor parallelism innermost,
 so its groups are neighbouring ranks, i.e. the same node). Their product is the world size. Data
-parallelism is `dp = dp_replicate * dp_shard`: ranks with the same dp coordinate see the same data.
+parallelism is `dp = dp_replicate * dp_shard`: ranks with the same dp coordinate see the same data (the cp
+ranks of one dp coordinate split each of its sequences). FSDP shards over `dp_shard_cp` (dp_shard x cp
+flattened). The experts of MoE layers use a mesh of their own (`expert_mesh`).
 
 `resolve_layout` turns the config into the shared `zili.parallel.layout.Layout` (what the planner plans) and
 checks what only the config can get wrong; `check_layout` applies the shared rules and what the trainer does
@@ -19,7 +21,7 @@ from zili.errors import UserError
 from zili.models.args import ModelArgs
 from zili.parallel.layout import Layout, problem, trainer_problem
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 
 
@@ -39,7 +41,7 @@ def pipeline_microbatches(par: ParallelismConfig) -> int:
 
 def _degrees(par: ParallelismConfig, world_size: int) -> tuple[int, int, int, int]:
     """(pp, dp_replicate, dp_shard, tp) for `world_size` ranks; dp_shard=-1 takes what the others leave."""
-    fixed = par.dp_replicate * par.tp * par.pp
+    fixed = par.dp_replicate * par.tp * par.pp * par.cp
     needed = fixed * max(par.dp_shard, 1)
     if world_size == 1 and needed > 1:
         raise UserError(f"the [parallelism] layout needs {needed} processes but this is a single process — launch "
@@ -47,13 +49,14 @@ def _degrees(par: ParallelismConfig, world_size: int) -> tuple[int, int, int, in
     dp_shard = par.dp_shard
     if dp_shard == -1:
         if world_size % fixed:
-            raise UserError(f"dp_replicate*tp*pp = {par.dp_replicate}*{par.tp}*{par.pp} = {fixed} does not divide the "
-                            f"world size {world_size} — choose degrees whose product divides the number of processes")
+            raise UserError(f"dp_replicate*tp*pp*cp = {par.dp_replicate}*{par.tp}*{par.pp}*{par.cp} = {fixed} does not "
+                            f"divide the world size {world_size} — choose degrees whose product divides the number of "
+                            "processes")
         dp_shard = world_size // fixed
     if fixed * dp_shard != world_size:
-        raise UserError(f"the layout pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard} x tp={par.tp} "
-                        f"needs {fixed * dp_shard} processes but {world_size} were started — make the product of "
-                        "the degrees equal the world size (or set dp_shard=-1)")
+        raise UserError(f"the layout pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard} x cp={par.cp} "
+                        f"x tp={par.tp} needs {fixed * dp_shard} processes but {world_size} were started — make the "
+                        "product of the degrees equal the world size (or set dp_shard=-1)")
     return par.pp, par.dp_replicate, dp_shard, par.tp
 
 
@@ -84,7 +87,7 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
             raise UserError(f"the local batch of {local} sequences (batch_size / dp) is not a multiple of "
                             f"training.micro_batch_size={t.micro_batch_size} — choose one that divides it")
         microbatch = t.micro_batch_size or local
-    return Layout(tp=tp, pp=pp, vpp=per_rank, dp_shard=dp_shard, dp_replicate=dp_replicate, microbatch=microbatch,
+    return Layout(tp=tp, pp=pp, vpp=per_rank, cp=par.cp, ep=par.ep, dp_shard=dp_shard, dp_replicate=dp_replicate, microbatch=microbatch,
                   recompute="full" if t.activation_checkpointing else "none",
                   sequence_parallel=par.sequence_parallel and tp > 1, dtype=t.dtype)
 
@@ -100,9 +103,10 @@ def build_mesh(layout: Layout, device_type: str):
     """The DeviceMesh over all ranks with dimensions `MESH_DIMS` (needs an initialised process group)."""
     shape = tuple(getattr(layout, name) for name in MESH_DIMS)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    flatten_mesh(mesh, ("dp_shard", "cp"), "dp_shard_cp")
     if layout.fsdp and layout.tp > 1:
-        # a norm over parameters sharded on (dp_shard, tp) then reduces in one collective, not two
-        flatten_mesh(mesh, ("dp_shard", "tp"), "dp_shard_tp")
+        # a norm over parameters sharded on (dp_shard, cp, tp) then reduces in one collective, not two
+        flatten_mesh(mesh, ("dp_shard", "cp", "tp"), "dp_shard_cp_tp")
     return mesh
 
 
