@@ -24,7 +24,7 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili import-hf HF_DIR RUN_DIR [--mtp-depth 1]        a Hugging Face checkpoint (Llama, Qwen2, Qwen3,
                                                        Qwen3-MoE, DeepSeek-V3) -> a zili run
   zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
-  zili plan --model M --chip C --count N [--tokens 15T] [layout flags] [--verify] [--json]
+  zili plan --model M --chip C --count N [--tokens 15T] [layout flags] [--calibrate B.json] [--verify] [--json]
                                                        plan a run: memory, step time, MFU, days, best layouts
   zili plan --budget-chip-hours H --chip C --count N   the compute-optimal model for a budget, and its layout
 
@@ -187,6 +187,8 @@ def _bench(argv: list[str]) -> None:
 
 
 def _plan(argv: list[str]) -> None:
+    from zili.bench.workloads import WORKLOADS
+    from zili.plan.calibrate import calibrate, load_bench
     from zili.plan.planner import PlanRequest, make_plan
     from zili.plan.report import table, to_json
     from zili.plan.spec import load_cluster, load_model, parse_count
@@ -222,8 +224,14 @@ def _plan(argv: list[str]) -> None:
                         "fake process group of the full world size and compare its bytes with the analytic ones")
     parser.add_argument("--budget-chip-hours", type=float, default=None, help="propose the compute-optimal model "
                         "and token count for this many chip-hours (instead of --model)")
+    parser.add_argument("--moe-imbalance", type=float, default=1.0, help="mixture of experts: routed tokens of "
+                        "the busiest expert rank / the mean (default 1.0, perfectly balanced)")
+    parser.add_argument("--calibrate", default=None, metavar="BENCH.json", help="a `zili bench --json` result "
+                        "measured on this chip: its matmul efficiency replaces the chip table's")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
+    if args.moe_imbalance < 1:
+        raise UserError(f"--moe-imbalance must be at least 1.0 (1.0 = balanced), got {args.moe_imbalance}")
     if (args.model is None) == (args.budget_chip_hours is None):
         raise UserError("give either --model (plan that model) or --budget-chip-hours (propose one)")
     if args.budget_chip_hours is not None and args.budget_chip_hours <= 0:
@@ -234,6 +242,11 @@ def _plan(argv: list[str]) -> None:
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     cluster = load_cluster(args.chip, args.count, args.per_node)
+    if args.calibrate:
+        result = load_bench(args.calibrate)
+        if result["workload"] not in WORKLOADS:
+            raise UserError(f"--calibrate {args.calibrate}: unknown bench workload {result['workload']!r}")
+        cluster = calibrate(cluster, result, WORKLOADS[result["workload"]].args, args.calibrate)
     model_args, seq_len = load_model(args.model, args.seq_len) if args.model else (None, args.seq_len)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "cp", "ep", "dp_shard", "dp_replicate", "zero",
                                            "microbatch", "recompute", "sequence_parallel", "dtype", "attention")
@@ -241,7 +254,8 @@ def _plan(argv: list[str]) -> None:
     tokens = parse_count(args.tokens, "--tokens") if args.tokens else None
     plan = make_plan(PlanRequest(cluster=cluster, model_name=args.model or "", args=model_args, seq_len=seq_len,
                                  fixed=fixed, global_batch=args.global_batch, tokens=tokens, top=args.top,
-                                 verify=args.verify, budget_chip_hours=args.budget_chip_hours))
+                                 verify=args.verify, budget_chip_hours=args.budget_chip_hours,
+                                 moe_imbalance=args.moe_imbalance))
     print(to_json(plan) if args.json else table(plan))
 
 

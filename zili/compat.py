@@ -4,13 +4,17 @@ API only; when torch moves or changes a private name, this file is what to fix.
 - `local_region(global_shape, mesh, placements)`: where this rank's shard of a DTensor lies in the full
   tensor, through `torch.distributed.tensor._utils.compute_local_shape_and_global_offset` (private; it
   understands `_StridedShard`, the placement FSDP2 gives a parameter already sharded by tensor parallelism).
-- `checkpoint_wrapper`, `flatten_mesh`: activation checkpointing per block, one collective over two mesh dims.
+- `checkpoint_wrapper`, `flatten_mesh`, `sub_mesh`: activation checkpointing per block, one collective over
+  several mesh dims.
 - `fake_world`, `fake_tensor_mode`, `clear_sharding_cache`: one rank of a large world without its hardware
   (`zili plan --verify`).
 - `PipelineSchedule`: a `torch.distributed.pipelining` schedule driven the same way on every torch in the range.
 - `fused_step_unless`: a fused optimizer step skipped on the device (GradScaler's `found_inf` protocol).
-- `pipeline_stage`: a `PipelineStage` whose first-step handshake has matching sizes on every torch.
+- `pipeline_stage`: a `PipelineStage` whose first-step handshake has matching sizes on every torch, and whose
+  shape inference leaves the stage's buffers as they were.
 - `grouped_mm`: one matrix multiply per group of rows (mixture-of-experts), public from torch 2.10.
+- `all_gather_autograd`: an all-gather along one dimension that autograd differentiates (its gradient is the
+  reduce-scatter), from torch's functional collectives (context parallelism).
 
 Differences between the torch releases in the declared range (2.9 to 2.13) are detected by feature — does the
 function take this argument, does the class have this method — not by version number, so a vendor build that
@@ -19,11 +23,15 @@ backports a feature gets it. The table of what differs is in docs/accelerators.m
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.distributed
+from torch.distributed import _functional_collectives
+from torch.distributed import device_mesh as _device_mesh
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as _checkpoint_wrapper
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -84,6 +92,15 @@ def flatten_mesh(mesh, dims: tuple[str, ...], name: str) -> None:
     mesh[dims]._flatten(name)
 
 
+def sub_mesh(mesh, *names: str):
+    """`mesh[names]`, where names may include dimensions registered by `flatten_mesh`. torch 2.11+ warns that
+    slicing a flattened dimension from the root mesh "will be deprecated" (it still works in 2.13, and no
+    public replacement spans 2.9 to 2.13), so the warning is silenced here, the one place to change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        return mesh[names if len(names) > 1 else names[0]]
+
+
 def fake_world(rank: int, world_size: int) -> None:
     """Join a process group of `world_size` ranks whose collectives do nothing (torch's testing `fake`
     backend), as rank `rank`: for measuring one rank of a large layout on one machine."""
@@ -100,9 +117,14 @@ def fake_tensor_mode():
 
 
 def clear_sharding_cache() -> None:
-    """Drop DTensor's cached sharding decisions (keyed by mesh shape): after a world is destroyed, a later
-    world of the same shape would otherwise get its dead process groups. (torch >= 2.11 has a function for it;
+    """Drop DTensor's cached sharding decisions and flattened meshes (keyed by mesh shape): after a world is
+    destroyed, a later world of the same shape would otherwise get its dead process groups. (torch >= 2.11 has a function for it;
     before, the cache is the `lru_cache` on the sharding propagator's method.)"""
+    # torch <= 2.10 also keeps flattened sub-meshes per root mesh, which compares by shape: drop them too
+    for name in ("root_to_flatten_mapping", "flatten_name_to_root_dims"):
+        mapping = getattr(_device_mesh._mesh_resources, name, None)
+        if isinstance(mapping, dict):
+            mapping.clear()
     if hasattr(_dtensor_debug, "_clear_sharding_prop_cache"):
         _dtensor_debug._clear_sharding_prop_cache()
         return
@@ -121,6 +143,15 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def all_gather_autograd(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """The `tensor`s of every rank of `group` concatenated along `dim`, in group-rank order; autograd sends each
+    rank the sum over ranks of the gradient of its own part (a reduce-scatter). torch's functional collective
+    (`torch.distributed._functional_collectives.all_gather_tensor_autograd`, in every torch of the range; the
+    public `torch.distributed.nn.functional.all_gather` is deprecated from 2.13), which torch.compile traces and
+    which runs on gloo as on nccl."""
+    return _functional_collectives.all_gather_tensor_autograd(tensor, gather_dim=dim, group=group)
+
+
 def fused_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """Step a fused optimizer (`fused=True` Adam/AdamW/SGD) unless `skip` (0-dim 0/1 device tensor) is 1, with
     no host sync: through the `found_inf` attribute that `torch.amp.GradScaler` sets for fused optimizers, on
@@ -132,10 +163,29 @@ def fused_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> N
         del optimizer.found_inf
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module):
+    """Restore `module`'s buffers on exit to their values on entry — only those that changed: an unchanged one may
+    be saved for a backward still to run, which an in-place write would invalidate."""
+    saved = [(b, b.clone()) for b in module.buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
 class _Stage(PipelineStage):
-    """torch 2.9 and 2.10 start a pipeline by sending each neighbour an int64 where it receives a float32: gloo
-    refuses the size mismatch ("Received data size doesn't match expected size") and NCCL's behaviour is
-    undefined. This stage sends float32, as torch 2.11 does; elsewhere it is PipelineStage itself."""
+    """Two fixes to `PipelineStage`, each a no-op on a torch without the method it overrides:
+    - torch 2.9 and 2.10 start a pipeline by sending each neighbour an int64 where it receives a float32: gloo
+      refuses the size mismatch ("Received data size doesn't match expected size") and NCCL's behaviour is
+      undefined. This stage sends float32, as torch 2.11 does.
+    - The first step infers the shapes between stages by running each stage's forward on placeholder tensors
+      (`_shape_inference` up to torch 2.12, `_forward_metadata_inference` from 2.13): that forward must not
+      change the module's state — a mixture-of-experts layer would count the placeholders' tokens into the
+      load it balances on — so the buffers are restored after it."""
 
     def _get_init_p2p_neighbors_ops(self):
         ops = super()._get_init_p2p_neighbors_ops()
@@ -144,13 +194,18 @@ class _Stage(PipelineStage):
                 op.tensor = op.tensor.float()
         return ops
 
+    def _shape_inference(self, *args, **kwargs):
+        with _buffers_kept(self.submod):
+            return super()._shape_inference(*args, **kwargs)
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        with _buffers_kept(self.submod):
+            return super()._forward_metadata_inference(*args, **kwargs)
+
 
 def pipeline_stage(module: torch.nn.Module, index: int, n_stages: int, device: torch.device, group) -> PipelineStage:
-    """`PipelineStage(module, index, n_stages, device, group=group)`, with the handshake fix of `_Stage` where
-    this torch has the handshake."""
-    if hasattr(PipelineStage, "_get_init_p2p_neighbors_ops"):
-        return _Stage(module, index, n_stages, device, group=group)
-    return PipelineStage(module, index, n_stages, device, group=group)
+    """`PipelineStage(module, index, n_stages, device, group=group)` with the fixes of `_Stage`."""
+    return _Stage(module, index, n_stages, device, group=group)
 
 
 class PipelineSchedule:

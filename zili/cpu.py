@@ -68,10 +68,11 @@ def tune_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
-def use_matmul_attention(q: torch.Tensor) -> bool:
-    """Whether `causal_attention` beats SDPA for this training call (gradients on, moderate length)."""
+def use_matmul_attention(q: torch.Tensor, keys: int | None = None) -> bool:
+    """Whether `causal_attention` beats SDPA for this training call of q against `keys` keys (default: as many
+    as queries) — gradients on, moderate length."""
     B, H, T, _ = q.shape
-    return torch.is_grad_enabled() and B * H * T * T <= MATMUL_ATTENTION_MAX_SCORES
+    return torch.is_grad_enabled() and B * H * T * (keys or T) <= MATMUL_ATTENTION_MAX_SCORES
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 256,
@@ -79,23 +80,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
     """softmax(scale q k^T + causal mask) v (scale defaults to 1/sqrt(d)), in q's dtype, with plain batched
     matmuls.
 
-    q (B, H, T, d); k (B, KV, T, d); v (B, KV, T, dv). The H/KV query heads sharing a KV head are stacked into
-    one matrix, so keys and values are never repeated. Queries go in blocks of `block` positions, each against the keys
-    up to its last position only, which skips most of the masked upper triangle."""
+    q (B, H, T, d); k (B, KV, S, d); v (B, KV, S, dv) with S >= T: the queries are the last T of the S positions
+    (query i sees keys 0..S-T+i). The H/KV query heads sharing a KV head are stacked into one matrix, so keys and
+    values are never repeated. Queries go in blocks of `block` positions, each against the keys up to its last
+    position only, which skips most of the masked upper triangle."""
     B, H, T, d = q.shape
-    kv, dv = k.shape[1], v.shape[-1]
-    group = H // kv
+    kv, S, dv = k.shape[1], k.shape[2], v.shape[-1]
+    group, past = H // kv, S - T
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k, v = k.reshape(B * kv, T, d), v.reshape(B * kv, T, dv)
-    future = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+    k, v = k.reshape(B * kv, S, d), v.reshape(B * kv, S, dv)
+    future = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu_(1 + past)
     outs = []
     with torch.autocast(q.device.type, enabled=False):  # all in q's dtype; softmax accumulates in fp32
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
             q_block = q[:, :, t0:t1].reshape(B * kv, group * (t1 - t0), d)
-            mask = future[t0:t1, :t1].repeat(group, 1)
-            scores = torch.baddbmm(mask, q_block, k[:, :t1].transpose(1, 2), alpha=scale)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1]).view(B, H, t1 - t0, dv))
+            mask = future[t0:t1, :past + t1].repeat(group, 1)
+            scores = torch.baddbmm(mask, q_block, k[:, :past + t1].transpose(1, 2), alpha=scale)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :past + t1]).view(B, H, t1 - t0, dv))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 

@@ -166,19 +166,25 @@ def _device_type(t: torch.Tensor) -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Attention output (B, H, T, dv) for q (B, H, T, d), k (B, KV, S, d), v (B, KV, S, dv). `mask` (T, S) bool,
+    """Attention output (B, H, T, dv) for q (B, H, T, d), k (B, KV, S, d), v (B, KV, S, dv). `causal` with S >= T:
+    the queries are the last T of the S key positions, query i seeing keys 0..S-T+i (bottom-right aligned, as
+    after a generation cache or for one chunk of a sequence against all keys before it). `mask` (T, S) bool,
     True = may attend, replaces the causal mask; `scale` multiplies q·k (default 1/sqrt(d)). The fused vendor
-    kernels are used where values have the head size of queries and keys (MLA's do not: SDPA then)."""
+    kernels are used for square causal attention where values have the head size of queries and keys (MLA's do
+    not: SDPA then); CPU training's matmul attention also takes S > T."""
     device = _device_type(q)
-    plain_causal = mask is None and causal and q.shape[2] > 1 and q.shape[2] == k.shape[2]
+    T, S = q.shape[2], k.shape[2]
+    plain_causal = mask is None and causal and T > 1 and T == S
     same_head_size = v.shape[-1] == q.shape[-1]
     if plain_causal and same_head_size and device == "npu" and (npu := accel.vendor_ops("npu")) is not None:
         return npu_attention(npu, q, k, v, scale)
     if (plain_causal and same_head_size and device == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
             and flash_works(q.device, q.dtype)):
         return flash_attention(_flash_fn, q, k, v, scale)
-    if plain_causal and device == "cpu" and cpu.use_matmul_attention(q):
+    if mask is None and causal and 1 < T <= S and device == "cpu" and cpu.use_matmul_attention(q, S):
         return cpu.causal_attention(q, k, v, scale=scale)
+    if mask is None and causal and 1 < T < S:  # SDPA's is_causal aligns the corner top-left: say it with a mask
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
     return sdpa_attention(q, k, v, mask, causal, scale)
 
 

@@ -7,19 +7,27 @@ import pytest
 
 from tests.distributed.conftest import PARITY, assert_losses_match, check_ok, read_records
 
+SLOW = pytest.mark.slow  # left out of the default run (`make test-slow`), to keep it under 10 minutes
+
 LAYOUTS = [
     # (ranks, layers, layout overrides); plain FSDP2 over 2 ranks is test_torchrun_launch_fsdp2_matches_single_process
     pytest.param(2, 2, ["--parallelism.dp_shard=2", "--training.micro_batch_size=2"], id="fsdp2-accumulating"),
-    pytest.param(2, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=1"], id="hsdp-replicate2"),
+    pytest.param(2, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=1"], id="hsdp-replicate2", marks=SLOW),
     pytest.param(2, 2, ["--parallelism.tp=2"], id="tp2-sequence-parallel"),
     pytest.param(2, 2, ["--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"], id="pp2-1f1b"),
     pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B"], id="pp2-interleaved1f1b"),
-    pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=InterleavedZeroBubble"], id="pp2-zero-bubble"),
+    pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=InterleavedZeroBubble"], id="pp2-zero-bubble",
+                 marks=SLOW),
     pytest.param(4, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2"], id="hsdp-2x2"),
     pytest.param(4, 4, ["--parallelism.dp_shard=2", "--parallelism.tp=2"], id="fsdp2-x-tp2"),
+    # context parallelism: each sequence of 32 tokens in 4 chunks, 2 per rank (zili/parallel/context_parallel.py)
+    pytest.param(2, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"], id="cp2"),
+    pytest.param(4, 2, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.dp_shard=1"], id="cp2-x-tp2",
+                 marks=SLOW),
+    pytest.param(4, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=2"], id="cp2-x-fsdp2"),
     # 8 processes on a 2-core machine are slow: the first 5 of the 20 steps (exit_after) suffice here
     pytest.param(8, 4, ["--parallelism.pp=2", "--parallelism.dp_shard=2", "--parallelism.tp=2",
-                        "--training.exit_after=5"], id="pp2-x-fsdp2-x-tp2"),
+                        "--training.exit_after=5"], id="pp2-x-fsdp2-x-tp2", marks=SLOW),
 ]
 
 

@@ -18,6 +18,8 @@ from zili.train.step import clip_grad_norm_
 ARGS = ModelArgs(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64,
                  tied_embeddings=False)
 
+MOE = dict(n_routed_experts=6, top_k=2, moe_ffn_dim=32, score_func="softmax")  # a mixture of experts
+
 
 def config(**parallelism) -> Config:
     cfg = Config()
@@ -61,6 +63,10 @@ def test_degrees_must_multiply_to_world_size(layout, world, message):
     (dict(pp=2, pp_schedule="1F1B", pp_stages_per_rank=2), {}, "runs one stage per rank"),
     (dict(dp_shard=3), {}, "not divisible by the data-parallel degree 3"),
     (dict(), dict(mlp="gelu"), "SwiGLU"),
+    (dict(dp_shard=4, ep=2), {}, "ep > 1 needs a mixture-of-experts model"),
+    (dict(dp_shard=4, ep=4), MOE, "ep=4 does not divide n_routed_experts \\(6\\)"),
+    (dict(dp_shard=2, ep=4), dict(MOE, n_routed_experts=8), "ep=4 must divide dp_shard\\*cp = 2"),
+    (dict(dp_shard=2, tp=2), dict(MOE, qk_norm=True), "no tensor-parallel plan"),
 ])
 def test_layout_checks(layout, overrides, message):
     cfg = config(**layout)

@@ -1,12 +1,16 @@
 """measure_rank_bytes: the per-rank bytes it measures on a fake world equal counts derived from the shapes."""
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from zili.cli import main
 from zili.errors import UserError
 from zili.models.args import ModelArgs
+from zili.models.flops import param_counts, routed_expert_params
 from zili.parallel.layout import Layout
 from zili.plan.verify import measure_rank_bytes
 
@@ -98,7 +102,6 @@ def test_recompute_and_sequence_parallel_leave_persistent_bytes_alone():
     (TINY, layout(vpp=2), {}, "pp > 1"),
     (TINY, layout(pp=2, vpp=0), {}, "at least 1"),
     (TINY, layout(tp=2), {"rank": 2}, "outside"),
-    (TINY, layout(cp=2), {}, "context or expert parallelism"),
 ])
 def test_refuses_impossible_layouts(args, lay, kw, match):
     with pytest.raises(UserError, match=match):
@@ -112,3 +115,27 @@ def test_refuses_to_run_beside_a_process_group():
             measure_rank_bytes(TINY, layout())
     finally:
         dist.destroy_process_group()
+
+
+def test_expert_parallel_rank_holds_its_experts_sharded_over_the_rest():
+    """A tiny MoE (16 experts, first block dense) at ep=2 over 4 FSDP ranks: rank 0 keeps 8 experts per MoE layer,
+    split again over the 2 ranks holding the same experts, and 1/4 of everything else."""
+    a = ModelArgs(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=64,
+                  n_routed_experts=16, top_k=2, moe_ffn_dim=32, n_dense_layers=1, score_func="softmax")
+    routed = routed_expert_params(a)
+    rest = param_counts(a)["total"] - routed
+    got = measure_rank_bytes(a, Layout(dp_shard=4, ep=2))
+    assert got["n_params_local"] == rest // 4 + routed // 2 // 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "deepseek-v3", "--count", "2048", "--ep", "64", "--pp", "16"],  # the published layout
+    ["--model", "kimi-k2", "--count", "4096", "--pp", "16", "--tp", "1", "--global-batch", "16384"],
+], ids=["deepseek-v3-2048", "kimi-k2-4096"])
+def test_plan_verify_builds_trillion_parameter_moe_layouts(argv, capsys):
+    """`zili plan --verify` builds the real MLA + MoE model for rank 0 of thousands of fake ranks (pipeline, FSDP
+    and expert parallel) and its measured bytes agree with the planner's."""
+    main(["plan", *argv, "--chip", "h800", "--verify", "--json"])
+    verify = json.loads(capsys.readouterr().out)["layouts"][0]["verify"]
+    assert verify["world_size"] == int(argv[3])
+    assert abs(verify["measured_bytes"] / verify["analytic_bytes"] - 1) < 0.05

@@ -83,6 +83,11 @@ def routed_expert_params(args: ModelArgs) -> int:
     return args.n_routed_experts * _ffn_params(args, args.moe_ffn_dim)
 
 
+def expert_params(args: ModelArgs) -> int:
+    """Weights of one routed (or shared) expert: an MLP of width `moe_ffn_dim` (0 for a dense model)."""
+    return _ffn_params(args, args.moe_ffn_dim) if args.is_moe else 0
+
+
 def mlp_active_params(args: ModelArgs, moe: bool) -> int:
     """MLP weights one token multiplies with in one block."""
     if not moe:

@@ -13,6 +13,10 @@ Rotary layout: DeepSeek's checkpoints pair the rotated features (2i, 2i+1) (`rop
 features are de-interleaved to zili's half-split layout ([evens, odds]) before rotating — the same permutation
 for queries and keys, so q·k is unchanged and the weights load as they are published.
 
+With explicit `positions` (spans, zili.models.positions) the key material handed to `key_context` is also the
+latent and k_rope — what a context-parallel gather then moves: kv_lora_rank + rope numbers per token instead of
+h x (nope + rope + v) (576 against 40,960 for DeepSeek-V3), each rank expanding the gathered latents itself.
+
 Generation caches what the keys and values are computed from — the normalised latent and the rotated k_rope,
 kv_lora_rank + rope numbers per token and layer — not the expanded keys and values (h x (nope + rope + v)).
 """
@@ -26,6 +30,7 @@ from torch import nn
 
 from zili import kernels
 from zili.models.args import ModelArgs
+from zili.models.positions import KeyContext, Spans, causal_attention, rope_rows
 from zili.models.rmsnorm import RMSNorm
 from zili.models.rope import yarn_mscale
 
@@ -78,9 +83,13 @@ class LatentAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(qk)
         if args.rope_scaling == "yarn" and args.rope_mscale_all_dim:
             self.scale *= yarn_mscale(args.rope_factor, args.rope_mscale_all_dim) ** 2
+        self.key_context = KeyContext()
 
-    def forward(self, x, rope: torch.Tensor, cache: LatentCache | None = None, layer: int = 0, start_pos: int = 0):
-        """x (B, T, dim); rope the model's (2, max_seq_len, qk_rope_head_dim) table; positions from `start_pos`."""
+    def forward(self, x, rope: torch.Tensor, cache: LatentCache | None = None, layer: int = 0, start_pos: int = 0,
+                positions: Spans | None = None):
+        """x (B, T, dim); rope the model's (2, max_seq_len, qk_rope_head_dim) table; positions from `start_pos`, or
+        `positions` (spans; then no cache): attention over the latents and rotated keys `key_context` returns,
+        causal by position."""
         a = self.args
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if a.q_lora_rank else self.q_proj(x)
@@ -91,10 +100,12 @@ class LatentAttention(nn.Module):
         k_rope = k_rope.view(B, 1, T, a.qk_rope_head_dim)
         if a.rope_interleave:
             q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
-        cos, sin = rope[0, start_pos : start_pos + T], rope[1, start_pos : start_pos + T]
+        cos, sin = rope_rows(rope, positions or (range(start_pos, start_pos + T),))
         q_rope, k_rope = kernels.apply_rope(q_rope, cos, sin), kernels.apply_rope(k_rope, cos, sin)
-        mask, causal = None, True
-        if cache is not None:
+        mask, causal, key_spans = None, True, None
+        if positions is not None:
+            key_spans, latent, k_rope = self.key_context(positions, latent, k_rope)
+        elif cache is not None:
             latent, k_rope = cache.update(layer, start_pos, latent.to(cache.latent[layer].dtype),
                                           k_rope.to(cache.k_rope[layer].dtype))
             if start_pos > 0:  # queries at start_pos.. see every cached key up to their own position
@@ -106,5 +117,8 @@ class LatentAttention(nn.Module):
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.to(k_nope.dtype).expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope.to(q_nope.dtype)], dim=-1)
-        out = kernels.attention(q, k, v, mask, causal, scale=self.scale)
+        if positions is not None:
+            out = causal_attention(q, k, v, positions, key_spans, scale=self.scale)
+        else:
+            out = kernels.attention(q, k, v, mask, causal, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

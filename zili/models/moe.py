@@ -101,13 +101,20 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows (M, dim), the first counts[0] for expert 0, the next counts[1] for expert 1 ... -> (M, dim)."""
-        offs = counts.cumsum(0).to(torch.int32)
-        dtype = rows.dtype
+        return swiglu_experts(rows, counts, self.w_gate, self.w_up, self.w_down)
 
-        def mm(x, w):  # w (E, out, in): each expert's slice as an nn.Linear weight
-            return grouped_mm(x, w.to(dtype).transpose(-2, -1), offs)
 
-        return mm(F.silu(mm(rows, self.w_gate)) * mm(rows, self.w_up), self.w_down)
+def swiglu_experts(rows: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """`len(counts)` SwiGLU experts on rows sorted by expert: rows (M, dim), counts (E,) rows per expert (summing
+    to M), weights stacked as in `SwiGLUExperts` -> (M, dim) in the rows' dtype."""
+    offs = counts.cumsum(0).to(torch.int32)
+    dtype = rows.dtype
+
+    def mm(x, w):  # w (E, out, in): each expert's slice as an nn.Linear weight
+        return grouped_mm(x, w.to(dtype).transpose(-2, -1), offs)
+
+    return mm(F.silu(mm(rows, w_gate)) * mm(rows, w_up), w_down)
 
 
 class MoE(nn.Module):
@@ -133,7 +140,7 @@ class MoE(nn.Module):
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert, tokens in order within
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
-        if self.training:  # the load that balancing answers to: training tokens only
+        if self.training and not counts.is_meta:  # the load balancing answers to: training tokens only
             self.tokens_per_expert += counts.detach()
         k = self.args.top_k
         # every index of `order` is distinct, so neither direction accumulates: sums over a token's k experts

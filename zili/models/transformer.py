@@ -12,7 +12,9 @@ Rotary layout: half-split (GPT-NeoX / Hugging Face), i.e. the feature pairs rota
 (i, i + head_dim/2), not the interleaved (2i, 2i+1) pairs of Meta's original checkpoints. Hugging Face
 weights therefore load without permuting q/k rows (MLA de-interleaves DeepSeek's pairs at run time, see there).
 
-Contract: `Transformer(args)(tokens[B, T], start_pos=0, cache=None) -> logits[B, T, vocab]`.
+Contract: `Transformer(args)(tokens[B, T], start_pos=0, cache=None) -> logits[B, T, vocab]`; with
+`positions=` spans (zili.models.positions) instead of start_pos, the columns hold those positions and attention
+is causal by position over the keys each attention's `key_context` supplies (by default the input's own).
 The model knows nothing of parallelism: FSDP, tensor/pipeline parallelism, activation checkpointing and
 compilation are applied from outside (zili.parallel). A pipeline stage is the same class with some parts
 removed: without `embed` its input is the hidden state (B, T, dim) instead of token ids, without `norm`
@@ -33,6 +35,7 @@ from zili.models import init
 from zili.models.args import ModelArgs
 from zili.models.mla import LatentAttention, LatentCache
 from zili.models.moe import MoE
+from zili.models.positions import KeyContext, Spans, causal_attention, check_spans, rope_rows
 from zili.models.rmsnorm import RMSNorm
 from zili.models.rope import rope_table
 
@@ -80,10 +83,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.key_context = KeyContext()
 
-    def forward(self, x, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
+    def forward(self, x, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
+                positions: Spans | None = None):
         """x (B, T, dim); rope the model's (2, max_seq_len, head_dim) cos/sin table; positions start at
-        `start_pos`. Head counts come from the projections' outputs (a tensor-parallel shard has fewer)."""
+        `start_pos`, or are `positions` (spans; then no cache): attention over the keys and values `key_context`
+        returns, causal by position. Head counts come from the projections' outputs (a tensor-parallel shard has
+        fewer)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
@@ -91,8 +98,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = rope[0, start_pos : start_pos + T], rope[1, start_pos : start_pos + T]
+        cos, sin = rope_rows(rope, positions or (range(start_pos, start_pos + T),))
         q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+        if positions is not None:
+            key_spans, k, v = self.key_context(positions, k, v)
+            out = causal_attention(q, k, v, positions, key_spans)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(layer, start_pos, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
@@ -130,8 +141,10 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(args.dim, args.ffn_dim)
 
-    def forward(self, x, rope, cache: KVCache | LatentCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope, cache, self.layer, start_pos)
+    def forward(self, x, rope, cache: KVCache | LatentCache | None = None, start_pos: int = 0,
+                positions: Spans | None = None):
+        # positions by keyword: tensor parallelism's input plan covers the five positional arguments
+        x = x + self.attn(self.attn_norm(x), rope, cache, self.layer, start_pos, positions=positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -177,15 +190,22 @@ class Transformer(nn.Module):
         return kind(self.args, batch, max_len, device, dtype)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | LatentCache | None = None,
-                mtp: bool = False):
+                mtp: bool = False, positions: Spans | None = None):
         """Logits (B, T, vocab); with `mtp` (a model with `mtp_depth` 1, no cache) also the multi-token
-        prediction's logits (B, T-1, vocab), position i predicting token i+2."""
+        prediction's logits (B, T-1, vocab), position i predicting token i+2. `positions`: the spans of positions
+        the T columns hold (zili.models.positions), instead of start_pos .. start_pos + T - 1; not with a cache
+        or `mtp` (whose one-column shift needs consecutive positions)."""
         T = tokens.shape[1]
-        if start_pos + T > self.args.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.args.max_seq_len}")
+        end = start_pos + T
+        if positions is not None:
+            if cache is not None or mtp:
+                raise ValueError("positions cannot be combined with a generation cache or multi-token prediction")
+            end = check_spans(positions, T)
+        if end > self.args.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len {self.args.max_seq_len}")
         h = self.embed(tokens) if self.embed is not None else tokens
         for block in self.blocks.values():
-            h = block(h, self.rope, cache, start_pos)
+            h = block(h, self.rope, cache, start_pos, positions=positions)
         if self.norm is None:
             return h
         h = self.norm(h)

@@ -95,15 +95,18 @@ def problem(layout: Layout, args: ModelArgs, *, world_size: int | None = None, s
     if p * v > args.n_layers:
         return (f"pp={p} with {v} stage(s) per rank makes {p * v} pipeline stages but the model has {args.n_layers} "
                 f"layers — use at most {args.n_layers} stages")
-    if seq_len is not None and seq_len % layout.cp:
-        return f"cp={layout.cp} does not divide seq_len {seq_len} — choose a cp that divides it"
+    if seq_len is not None and layout.cp > 1 and seq_len % (2 * layout.cp):
+        return (f"cp={layout.cp} cuts each sequence into 2*cp = {2 * layout.cp} equal chunks (causal load balancing) "
+                f"but seq_len {seq_len} is not a multiple of {2 * layout.cp} — choose a seq_len or cp that fits")
     if layout.ep > 1:
         if not args.is_moe:
-            return "ep > 1 needs a mixture-of-experts model (n_routed_experts > 0)"
+            return "ep > 1 needs a mixture-of-experts model (n_routed_experts > 0) — set ep=1 for a dense model"
         if args.n_routed_experts % layout.ep:
-            return f"ep={layout.ep} does not divide n_routed_experts ({args.n_routed_experts})"
+            return (f"ep={layout.ep} does not divide n_routed_experts ({args.n_routed_experts}) — choose an ep that "
+                    "divides the expert count")
         if layout.shard_group % layout.ep:
-            return f"ep={layout.ep} must divide dp_shard*cp = {layout.shard_group} (experts live on those ranks)"
+            return (f"ep={layout.ep} must divide dp_shard*cp = {layout.shard_group}, the ranks the experts are spread "
+                    "over — choose an ep that divides it, or more data ranks")
     if layout.zero not in (1, 2, 3):
         return f"zero={layout.zero} — use 1, 2 or 3"
     if layout.recompute not in RECOMPUTE:
@@ -127,10 +130,11 @@ def problem(layout: Layout, args: ModelArgs, *, world_size: int | None = None, s
 
 def trainer_problem(layout: Layout, args: ModelArgs) -> str | None:
     """Why zili's trainer cannot run `layout` on `args` yet, beyond `problem()` (None if it can)."""
-    if layout.cp > 1:
-        return "zili's trainer has no context parallelism yet — set cp=1"
-    if layout.ep > 1:
-        return "zili's trainer has no expert parallelism yet — set ep=1"
+    if layout.cp > 1 and layout.pp > 1:
+        return "zili's trainer does not combine context parallelism with pipeline parallelism yet — set cp=1 or pp=1"
+    if layout.cp > 1 and args.mtp_depth:
+        return ("context parallelism has no path for multi-token prediction (its one-position shift pairs neighbouring "
+                "tokens, which the load-balanced chunks separate) — set cp=1 or model.mtp_depth=0")
     if layout.zero != 3 and layout.shard_group > 1:
         return f"zili's trainer shards with FSDP2 (ZeRO-3), not ZeRO-{layout.zero} — use zero=3"
     if layout.recompute == "selective":
@@ -138,12 +142,12 @@ def trainer_problem(layout: Layout, args: ModelArgs) -> str | None:
     if layout.tp > 1 and args.vocab_size % layout.tp:
         return (f"tp={layout.tp} does not divide the model's vocab_size ({args.vocab_size}) — the embedding and the "
                 "head are split by vocabulary rows: choose a tp that divides it")
-    if args.is_moe and layout.world_size > 1:
-        return ("zili trains mixture-of-experts models on one device for now (expert and data parallelism of "
-                "expert layers come next) — run a single process")
-    if (args.is_mla or args.qk_norm or args.mtp_depth) and layout.world_size > 1:
-        return ("zili trains multi-head latent attention, Qwen3's q/k-norm attention and multi-token prediction on one "
-                "device for now (their parallel layouts come with expert parallelism) — run a single process")
+    if (args.is_mla or args.qk_norm) and layout.tp > 1:
+        return ("zili has no tensor-parallel plan for multi-head latent attention or Qwen3's q/k-norm attention yet "
+                "(data, context, expert and pipeline parallelism run them) — set tp=1")
+    if args.mtp_depth and layout.world_size > 1:
+        return ("zili trains multi-token prediction on one device for now (its parallel layouts come with expert "
+                "parallelism) — run a single process")
     if layout.pp > 1 and args.tied_embeddings:
         return ("pipeline parallelism needs an output head of its own (the embedding lives on the first stage) — "
                 "set model.tied_embeddings=false or pp=1")

@@ -22,6 +22,7 @@ from zili.models.args import ModelArgs
 from zili.parallel.layout import Layout, problem, trainer_problem
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EXPERT_MESH_DIMS = ("pp", "dp_replicate", "expert_fsdp", "ep", "tp")
 SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 
 
@@ -87,14 +88,16 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
             raise UserError(f"the local batch of {local} sequences (batch_size / dp) is not a multiple of "
                             f"training.micro_batch_size={t.micro_batch_size} — choose one that divides it")
         microbatch = t.micro_batch_size or local
-    return Layout(tp=tp, pp=pp, vpp=per_rank, cp=par.cp, ep=par.ep, dp_shard=dp_shard, dp_replicate=dp_replicate, microbatch=microbatch,
+    return Layout(tp=tp, pp=pp, vpp=per_rank, cp=par.cp, ep=par.ep, dp_shard=dp_shard, dp_replicate=dp_replicate,
+                  microbatch=microbatch,
                   recompute="full" if t.activation_checkpointing else "none",
                   sequence_parallel=par.sequence_parallel and tp > 1, dtype=t.dtype)
 
 
-def check_layout(layout: Layout, args: ModelArgs, global_batch: int) -> None:
-    """The shared layout rules, then what the trainer does not run yet: UserError with the first problem."""
-    why = problem(layout, args, global_batch=global_batch) or trainer_problem(layout, args)
+def check_layout(layout: Layout, args: ModelArgs, global_batch: int, seq_len: int | None = None) -> None:
+    """The shared layout rules (at `seq_len` tokens per sequence, when given), then what the trainer does not run
+    yet: UserError with the first problem."""
+    why = problem(layout, args, seq_len=seq_len, global_batch=global_batch) or trainer_problem(layout, args)
     if why:
         raise UserError(why)
 
@@ -104,10 +107,19 @@ def build_mesh(layout: Layout, device_type: str):
     shape = tuple(getattr(layout, name) for name in MESH_DIMS)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
     flatten_mesh(mesh, ("dp_shard", "cp"), "dp_shard_cp")
+    flatten_mesh(mesh, ("dp_replicate", "dp_shard", "cp"), "data")  # the ranks whose tokens differ
     if layout.fsdp and layout.tp > 1:
         # a norm over parameters sharded on (dp_shard, cp, tp) then reduces in one collective, not two
         flatten_mesh(mesh, ("dp_shard", "cp", "tp"), "dp_shard_cp_tp")
     return mesh
+
+
+def build_expert_mesh(layout: Layout, device_type: str):
+    """The experts' DeviceMesh (ep > 1): the same ranks in the same order as `build_mesh`'s, with the dp_shard x
+    cp ranks regrouped as `expert_fsdp` x `ep` — ep innermost, so an expert group is neighbouring data ranks
+    (the cp ranks first) — dimensions ("pp", "dp_replicate", "expert_fsdp", "ep", "tp")."""
+    shape = (layout.pp, layout.dp_replicate, layout.shard_group // layout.ep, layout.ep, layout.tp)
+    return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_DIMS)
 
 
 def dp_rank(mesh) -> int:

@@ -17,10 +17,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
+
+from zili.models.moe import MoE
 
 
 def _replicated_output(tp_mesh):
@@ -57,10 +60,15 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool) -> None:
             "attn.k_proj": ColwiseParallel(),
             "attn.v_proj": ColwiseParallel(),
             "attn.o_proj": RowwiseParallel(output_layouts=between_blocks),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
         }
+        if isinstance(block.mlp, MoE):
+            plan.update(_moe_plan(block.mlp, between_blocks))
+        else:
+            plan.update({
+                "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel(),
+                "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
+            })
         if sp:
             plan.update({
                 "attn_norm": SequenceParallel(),
@@ -68,6 +76,26 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool) -> None:
                 # attention(x, rope, cache, layer, start_pos): gather x along the sequence, leave the rest
                 "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
                                            desired_input_layouts=(Replicate(), None, None, None, None)),
-                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
+            if not isinstance(block.mlp, MoE):
+                plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)
+
+
+def _moe_plan(moe: MoE, between_blocks) -> dict:
+    """A mixture-of-experts feed-forward under tensor parallelism: every tp rank routes the whole (gathered)
+    sequence and computes the routed experts whole (expert parallelism, not tp, splits them); the shared
+    experts split like a dense SwiGLU. Plain tensors inside; the output goes back to the residual's layout."""
+    plan = {"mlp": PrepareModuleInput(input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),),
+                                      use_local_output=True)}
+    if between_blocks != Replicate():
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(between_blocks,), use_local_output=True)
+    if moe.shared_experts is not None:
+        plan.update({
+            "mlp.shared_experts.gate_proj": ColwiseParallel(),
+            "mlp.shared_experts.up_proj": ColwiseParallel(),
+            "mlp.shared_experts.down_proj": RowwiseParallel(output_layouts=Replicate()),
+        })
+    return plan

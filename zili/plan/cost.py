@@ -3,7 +3,7 @@
 `step_time(Step(...))` returns a `StepTime`. Each term has its own function, all for one micro-batch on the
 slowest pipeline stage's device unless said otherwise: `compute_time` (matmuls, attention and the elementwise
 HBM traffic, from the FLOPs of `layer_flops`), `tp_time`, `pipeline_send_time` and `bubble_time`, `expert_time`,
-`context_ring_time`, `zero_gather_time` and, once per step, `gradient_sync_time`.
+`context_time`, `zero_gather_time` and, once per step, `gradient_sync_time`.
 
 Compute. A device's FLOPs for one micro-batch are its share (1/(tp*cp)) of its stage's layers' forward
 (zili.models.flops: matmuls + attention) times 3 for forward + backward, plus the recomputed forward: all of
@@ -25,8 +25,15 @@ Overlap assumptions (what is exposed):
   forward, 2 per backward, 2 more for full recomputation, 1 all-reduce-equivalent more for selective
   recomputation with sequence parallelism (the all-gather is redone): never overlapped.
 - pipeline sends between stages (forward activation, backward gradient, per virtual stage): exposed.
-- expert all-to-alls (dispatch + combine, forward and backward): exposed. Context-parallel K/V ring passes:
-  overlapped with the attention compute, the excess exposed.
+- expert all-to-alls (dispatch + combine, forward and backward; `expert_time`): exposed. A token's copies go
+  to its top_k experts; those on other nodes cross the scale-out links, the rest stay on the scale-up links
+  (the two run at once: the slower sets the time). Node-limited routing (DeepSeek-V3: n_group groups of
+  experts, one group per node, a token visits at most topk_group of them) caps the nodes a token is sent to.
+  `Step.moe_imbalance` (>= 1: the busiest expert rank's tokens over the mean) scales the routed-expert compute
+  and the all-to-all bytes of the slowest rank.
+- context parallelism (`context_time`, the Llama 3 approach): each layer all-gathers K and V over the cp
+  ranks in the forward and reduce-scatters their gradients in the backward (again gathered when full
+  recomputation redoes the forward): exposed.
 - ZeRO-3 parameter all-gathers of a micro-batch overlap its compute (prefetch); the excess is exposed.
 - gradient reduction (reduce-scatter in the shard group, all-reduce across replicas) and the ZeRO-1/2 weight
   all-gather run once per step and overlap the backward of the last micro-batch; the excess is exposed.
@@ -64,6 +71,7 @@ class Step:
     layout: Layout
     cluster: Cluster
     global_batch: int
+    moe_imbalance: float = 1.0  # busiest expert rank's routed tokens / the mean (1.0 = perfectly balanced)
 
     @property
     def microbatches(self) -> int:
@@ -108,11 +116,12 @@ class LayerFlops:
     attention_forward: float  # QK^T and AV as the attention kernel runs them, forward
     attention_training: float  # the attention's forward + backward
     recompute: float  # forward work redone in the backward by the layout's recomputation
+    imbalance_extra: float = 0.0  # routed-expert work the busiest expert rank does beyond the mean
 
     @property
     def training(self) -> float:
-        """Forward + backward + recomputation."""
-        return 3 * self.matmul_forward + self.attention_training + self.recompute
+        """Forward + backward + recomputation (+ the busiest expert rank's extra work)."""
+        return 3 * self.matmul_forward + self.attention_training + self.recompute + self.imbalance_extra
 
 
 @dataclass(frozen=True)
@@ -168,7 +177,9 @@ def layer_flops(step: Step) -> LayerFlops:
     attention = dense["attention"] * (FLASH_CAUSAL_SHARE if flash else 1.0)
     training = (1 + (FLASH_BACKWARD if flash else 2.0)) * attention
     recompute = {"none": 0.0, "selective": attention, "full": matmul + attention}[step.layout.recompute]
-    return LayerFlops(matmul, attention, training, recompute)
+    routed = moe_share * 2 * args.top_k * flops.expert_params(args)  # forward FLOPs per token in routed experts
+    passes = 4 if step.layout.recompute == "full" else 3
+    return LayerFlops(matmul, attention, training, recompute, (step.moe_imbalance - 1) * passes * routed)
 
 
 # ---- compute
@@ -220,27 +231,53 @@ def pipeline_send_time(step: Step) -> float:
     return 2 * layout.vpp * send
 
 
+def moe_remote_share(step: Step) -> float:
+    """Of a token's top_k expert copies, the share sent to other nodes over the scale-out links: the ep group
+    spans `nodes` nodes (ep ranks t apart); a token reaches at most min(top_k, node limit) of them — the node
+    limit is topk_group when the router is group-limited with one group per node (n_group = nodes), else no
+    limit — and each is remote with probability (nodes - 1) / nodes."""
+    args, layout, per_node = step.args, step.layout, step.cluster.per_node
+    nodes = max(1, layout.ep * strides(layout)["ep"] // per_node)
+    if nodes == 1:
+        return 0.0
+    limit = args.topk_group if (args.n_group > 1 and args.topk_group < args.n_group and args.n_group == nodes) \
+        else nodes
+    return min(args.top_k, limit) * (nodes - 1) / nodes / args.top_k
+
+
 def expert_time(step: Step) -> float:
-    """Expert all-to-alls: dispatch + combine, forward and backward, per MoE layer on the stage. A placeholder
-    (no load imbalance, no capacity factor)."""
+    """Expert all-to-alls per MoE layer on the stage: dispatch + combine, forward and backward (4; 6 with full
+    recomputation, whose forward redoes them). Each sends the micro-batch's hidden states x top_k (/tp with
+    sequence parallelism) x the imbalance; the copies to other nodes go over the scale-out links, the rest
+    over the scale-up links, at once (the slower one sets the time). Exposed."""
     layout = step.layout
     if layout.ep == 1:
         return 0.0
-    message = step.hidden_bytes * step.args.top_k / (layout.tp if layout.sequence_parallel else 1)
-    all_to_all = ring_time("all_to_all", message, layout.ep, step.bandwidth("ep", layout.ep))
-    return step.first_stage_layers * step.moe_share * 4 * all_to_all
+    message = step.hidden_bytes * step.args.top_k * step.moe_imbalance / (
+        layout.tp if layout.sequence_parallel else 1)
+    remote = moe_remote_share(step)
+    factor = RING_FACTOR["all_to_all"](layout.ep)
+    up = step.cluster.row["scale_up_gbps"] / 2 * 1e9 * LINK_EFFICIENCY
+    out = step.cluster.row["scale_out_gbps"] * 1e9 * LINK_EFFICIENCY
+    one = factor * max(message * remote / out, message * (1 - remote) / up) + LATENCY_S
+    passes = 6 if layout.recompute == "full" else 4
+    return step.first_stage_layers * step.moe_share * passes * one
 
 
-def context_ring_time(step: Step, work: LayerFlops) -> float:
-    """Context parallelism: K and V of the other cp-1 chunks pass around the ring, forward and twice backward,
-    overlapped with the attention compute; the excess is exposed."""
-    args, layout = step.args, step.layout
-    cp, layers = layout.cp, step.first_stage_layers
+def context_time(step: Step) -> float:
+    """Context parallelism, per layer: all-gather of K and V over the cp ranks (each holds s/cp tokens of a
+    sequence) in the forward, reduce-scatter of their gradients in the backward, and the all-gather again when full
+    recomputation redoes the forward; K/V heads split over tp. Exposed."""
+    layout = step.layout
+    cp = layout.cp
     if cp == 1:
         return 0.0
-    kv_bytes = step.device_tokens * 2 * args.n_kv_heads * args.head_dim * memory.BYTES / layout.tp
-    ring = layers * 3 * (cp - 1) * ring_time("p2p", kv_bytes, cp, step.bandwidth("cp", cp))
-    return max(0.0, ring - layers * step.device_tokens * work.attention_training / layout.tp / step.flop_rate)
+    gathered = cp * step.device_tokens * memory.kv_bytes_per_token(step.args) / layout.tp  # the sequence's K, V
+    bandwidth = step.bandwidth("cp", cp)
+    passes = ring_time("all_gather", gathered, cp, bandwidth) + ring_time("reduce_scatter", gathered, cp, bandwidth)
+    if layout.recompute == "full":
+        passes += ring_time("all_gather", gathered, cp, bandwidth)
+    return step.first_stage_layers * passes
 
 
 # ---- data parallelism / ZeRO
@@ -291,7 +328,7 @@ def step_time(step: Step) -> StepTime:
     work = layer_flops(step)
     compute_s = compute_time(step, work)
     tp_s, pp_s, ep_s = tp_time(step), pipeline_send_time(step), expert_time(step)
-    cp_s, gather_s = context_ring_time(step, work), zero_gather_time(step, compute_s)
+    cp_s, gather_s = context_time(step), zero_gather_time(step, compute_s)
     microbatch_s = compute_s + tp_s + pp_s + ep_s + cp_s + gather_s
     bubble_s = bubble_time(step, microbatch_s)
     sync_s = gradient_sync_time(step, compute_s)

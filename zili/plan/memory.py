@@ -10,7 +10,9 @@ Expert weights are split over ep x tp and sharded over Z/ep; everything else ove
 holds the embedding, the last the head (also a copy of a tied embedding when pp > 1).
 
 Activations follow Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer Models),
-per layer and micro-batch of b sequences of s tokens (s/cp per device), hidden h, t = tp, a = heads, 2-byte
+per layer and micro-batch of b sequences of s tokens (s/cp per device; with cp > 1 a layer also keeps the K and V
+it gathered from the other cp ranks, (s - s/cp)*b*`kv_bytes_per_token`/t, for the attention's backward), hidden
+h, t = tp, a = heads, 2-byte
 values: replicated over tp, 8*s*b*h (the norms' inputs, the QKV and first MLP matmuls' inputs), plus the two
 1-byte dropout masks 2*s*b*h with `dropout`; split by t, for `gelu` 8*s*b*h + 4*s*b*f (q, k, v, attention
 output; GELU input and output) — s*b*h*(10 + 24/t) for f = 4h with dropout, Korthikanti's — and for `swiglu`
@@ -29,24 +31,31 @@ from __future__ import annotations
 from zili.models import flops
 from zili.models.args import ModelArgs
 from zili.parallel.layout import Layout
+from zili.parallel.pipeline import layer_ranges, stage_ids
 
 BYTES = 2  # activations and gathered weights, bytes per value (bf16 / fp16; fp8 runs keep 2-byte copies)
 
 
+def layer_indices(args: ModelArgs, layout: Layout, stage: str) -> list[int]:
+    """The blocks held by the device of the first or last pipeline rank, as zili's pipeline places them
+    (`zili.parallel.pipeline`: contiguous stages, earlier ones larger, stage s on pp rank s % pp)."""
+    ranges = layer_ranges(args.n_layers, layout.pp * layout.vpp)
+    rank = 0 if stage == "first" else layout.pp - 1
+    return [i for s in stage_ids(rank, layout.pp, layout.vpp) for i in ranges[s]]
+
+
 def layers_on(args: ModelArgs, layout: Layout, stage: str) -> int:
-    """Blocks on the first or last pipeline stage's device (earlier stages take the remainder)."""
-    chunks = layout.pp * layout.vpp
-    per_chunk = -(-args.n_layers // chunks) if stage == "first" else args.n_layers // chunks
-    return per_chunk * layout.vpp
+    """Blocks on the first or last pipeline rank's device."""
+    return len(layer_indices(args, layout, stage))
 
 
 def stage_params(args: ModelArgs, layout: Layout, stage: str) -> dict[str, float]:
     """Parameters on one device of the `stage` ("first" | "last"), split by tp/ep, before ZeRO sharding:
     `dense` (sharded over tp) and `expert` (routed experts, over ep x tp)."""
-    layers = layers_on(args, layout, stage)
+    held = layer_indices(args, layout, stage)
+    layers = len(held)
     first_moe = args.n_dense_layers if args.is_moe else args.n_layers
-    # MoE layers on this stage: the first stage meets the dense layers first, the last stage none
-    n_moe = max(0, layers - first_moe) if stage == "first" else (min(layers, flops.moe_layers(args)))
+    n_moe = sum(i >= first_moe for i in held)
     n_dense_mlp = layers - n_moe
     dense = layers * (flops.attention_params(args) + 2 * args.dim) + n_dense_mlp * flops.mlp_params(args, False)
     expert = 0.0
@@ -79,6 +88,14 @@ def weight_bytes(args: ModelArgs, layout: Layout, stage: str) -> dict[str, float
     return {"params": params, "grads": grads, "optimizer": 8 * sharded, "buffers": buffers}
 
 
+def kv_bytes_per_token(args: ModelArgs) -> float:
+    """Bytes of one token's keys and values in one layer (2-byte values): 2 x n_kv_heads x head_dim for grouped-query
+    attention; multi-head latent attention's expanded keys and values, n_heads x (qk_head_dim + v_head_dim)."""
+    if args.is_mla:
+        return BYTES * args.n_heads * (args.qk_head_dim + args.v_head_dim)
+    return BYTES * 2 * args.n_kv_heads * args.head_dim
+
+
 def layer_activation_parts(args: ModelArgs, layout: Layout, seq_len: int,
                            moe: bool = False) -> tuple[float, float]:
     """Activations of one layer for one micro-batch of `seq_len`-token sequences on one device without
@@ -90,10 +107,13 @@ def layer_activation_parts(args: ModelArgs, layout: Layout, seq_len: int,
     if layout.attention == "materialized":
         scores = (5 if args.dropout else 2) * args.n_heads * s * s * b / t
     if args.mlp == "gelu":
-        return replicated / div + (8 * s * b * h + 4 * s * b * args.ffn_dim) / t, scores
+        gathered = (seq_len - s) * b * kv_bytes_per_token(args)  # context parallelism, as below
+        return replicated / div + (8 * s * b * h + 4 * s * b * args.ffn_dim + gathered) / t, scores
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     width = args.ffn_dim if not moe else args.moe_ffn_dim * (args.top_k + args.n_shared_experts)
     split = 2 * s * b * (q + 2 * kv) + 2 * s * b * h + 8 * s * b * width
+    # context parallelism: the K and V gathered from the other cp ranks are kept for the attention's backward
+    split += (seq_len - s) * b * kv_bytes_per_token(args)
     return replicated / div + split / t, scores
 
 

@@ -15,6 +15,7 @@ from zili.models.args import ModelArgs
 from zili.models.flops import moe_layers, param_counts, routed_expert_params
 from zili.parallel.layout import Layout, trainer_problem
 from zili.plan import budget, cost, memory
+from zili.plan.calibrate import constants
 from zili.plan.search import USABLE_HBM, search
 from zili.plan.spec import DEFAULT_SEQ_LEN, MODEL_KEYS, Cluster
 
@@ -36,6 +37,7 @@ class PlanRequest:
     top: int = 5  # layouts to return
     verify: bool = False  # measure the best layout's persistent bytes on the real model
     budget_chip_hours: float | None = None  # propose the compute-optimal model for this budget instead of `args`
+    moe_imbalance: float = 1.0  # busiest expert rank's routed tokens / the mean (zili.plan.cost.Step)
 
 
 def _model_info(name: str, args: ModelArgs, seq_len: int) -> dict:
@@ -49,12 +51,12 @@ def _model_info(name: str, args: ModelArgs, seq_len: int) -> dict:
     return {"name": name, **keys, "params": counts["total"], "active_params": active}
 
 
-def _assumptions(cluster: Cluster) -> dict:
-    given = "matmul_efficiency" in cluster.row
-    return {"matmul_efficiency": cost.matmul_efficiency(cluster),
-            "calibration": "the chip row's matmul_efficiency" if given else "uncalibrated default for this chip",
-            "link_efficiency": cost.LINK_EFFICIENCY, "usable_hbm_fraction": USABLE_HBM,
-            "traffic_per_activation_byte": cost.TRAFFIC_PER_ACTIVATION_BYTE}
+def _assumptions(cluster: Cluster, moe_imbalance: float) -> dict:
+    table = constants(cluster, moe_imbalance)
+    return {"matmul_efficiency": cost.matmul_efficiency(cluster), "calibration": table[0]["origin"],
+            "held_out": table[0]["held_out"], "link_efficiency": cost.LINK_EFFICIENCY,
+            "usable_hbm_fraction": USABLE_HBM, "traffic_per_activation_byte": cost.TRAFFIC_PER_ACTIVATION_BYTE,
+            "moe_imbalance": moe_imbalance, "constants": table}
 
 
 def _verify(args: ModelArgs, result: dict) -> dict:
@@ -105,7 +107,7 @@ def make_plan(request: PlanRequest) -> dict:
     if tokens is None:
         tokens = budget.TOKENS_PER_PARAM * param_counts(args)["total"]
     found = search(args, cluster, request.fixed, seq_len=seq_len, global_batch=request.global_batch,
-                   tokens=tokens, top=request.top)
+                   tokens=tokens, top=request.top, moe_imbalance=request.moe_imbalance)
     if not found["layouts"]:
         if found["rejected"] and len(found["infeasible"]) == 1 and found["evaluated"] == 1:
             raise UserError(f"layout {Layout(**{k: found['rejected'][0][k] for k in LAYOUT_KEYS}).describe()} "
@@ -117,7 +119,7 @@ def make_plan(request: PlanRequest) -> dict:
             "cluster": {"chip": cluster.chip, "count": cluster.count, "per_node": cluster.per_node,
                         "peak_tflops": cluster.peak_flops(found["layouts"][0]["dtype"]) / 1e12,
                         "hbm_gb": cluster.row["hbm_gb"]},
-            "tokens": tokens, **found, "assumptions": _assumptions(cluster)}
+            "tokens": tokens, **found, "assumptions": _assumptions(cluster, request.moe_imbalance)}
     plan.pop("rejected")
     if advice:
         plan["advice"] = advice

@@ -71,6 +71,9 @@ def table(plan: dict) -> str:
         lines.append(f"{total} of {plan['evaluated']} layouts cannot run; most common reasons (one example each):")
         for e in sorted(plan["infeasible"].values(), key=lambda e: -e["count"])[:3]:
             lines.append(f"  {e['count']:6d}  {e['example']}")
-    lines.append(f"efficiency assumed: matmul {plan['assumptions']['matmul_efficiency']:.2f} of peak "
-                 f"({plan['assumptions']['calibration']}); see docs/planner.md")
+    lines.append("constants (docs/planner.md, Calibration):")
+    for c in plan["assumptions"]["constants"]:
+        lines.append(f"  {c['name']} {c['value']:.3g}: {c['origin']}")
+        if c.get("held_out"):
+            lines.append(f"    held-out published runs: {c['held_out']}")
     return "\n".join(lines)

@@ -52,8 +52,9 @@ def layout_problem(args: ModelArgs, cluster: Cluster, layout: Layout, seq_len: i
 
 
 def evaluate(args: ModelArgs, cluster: Cluster, layout: Layout, *, seq_len: int, global_batch: int | None,
-             tokens: float) -> dict:
-    """One layout's figures for `global_batch` sequences of `seq_len` tokens (None: the default batch):
+             tokens: float, moe_imbalance: float = 1.0) -> dict:
+    """One layout's figures for `global_batch` sequences of `seq_len` tokens (None: the default batch), the
+    busiest expert rank getting `moe_imbalance` x the mean routed tokens (zili.plan.cost.Step):
     layout fields, global_batch, memory (bytes and GB), step time (a `StepTime`), model TFLOP/s per device,
     MFU, tokens/s, days and chip-hours for `tokens`; or `infeasible` = why."""
     batch = global_batch or default_global_batch(layout, seq_len)
@@ -65,7 +66,8 @@ def evaluate(args: ModelArgs, cluster: Cluster, layout: Layout, *, seq_len: int,
     mem = memory.memory(args, layout, seq_len, batch)
     out["memory"] = {k: (v / 1e9 if isinstance(v, float) else v) for k, v in mem.items()}
     out["mem_gb"] = mem["total"] / 1e9
-    time = step_time(Step(args=args, seq_len=seq_len, layout=layout, cluster=cluster, global_batch=batch))
+    time = step_time(Step(args=args, seq_len=seq_len, layout=layout, cluster=cluster, global_batch=batch,
+                          moe_imbalance=moe_imbalance))
     step = time.step_s
     model_flops = flops.flops_per_token(args, seq_len) * batch * seq_len
     out["time"] = time
@@ -134,10 +136,11 @@ def candidates(args: ModelArgs, cluster: Cluster, fixed: dict, seq_len: int) -> 
 
 
 def search(args: ModelArgs, cluster: Cluster, fixed: dict, *, seq_len: int, global_batch: int | None,
-           tokens: float, top: int = 5) -> dict:
+           tokens: float, top: int = 5, moe_imbalance: float = 1.0) -> dict:
     """{"layouts": the best `top` feasible evaluations (best first), "infeasible": {reason pattern: {count,
     example}}, "evaluated": how many, "rejected": the first infeasible one when none is feasible}."""
-    results = [evaluate(args, cluster, layout, seq_len=seq_len, global_batch=global_batch, tokens=tokens)
+    results = [evaluate(args, cluster, layout, seq_len=seq_len, global_batch=global_batch, tokens=tokens,
+                        moe_imbalance=moe_imbalance)
                for layout in candidates(args, cluster, fixed, seq_len)]
     feasible = sorted((r for r in results if "infeasible" not in r), key=lambda r: (-round(r["mfu"], 4), r["mem_gb"]))
     reasons: dict[str, dict] = {}  # reason with its numbers blanked -> {count, example}

@@ -5,9 +5,11 @@
 (tensors have shapes and dtypes but no storage). It builds the model with zili's own parallel code
 (mesh, pipeline split into `layout.vpp` stages per pp rank, TP/SP, activation checkpointing for
 `recompute = "full"`, FSDP2 with bf16 compute and fp32 master weights), runs one forward+backward of one
-micro-batch (batch 1) and one AdamW step, and sums the local tensors. The layout must pass the shared rules
-and the trainer's (zili.parallel.layout.problem, trainer_problem); the layout's micro-batch, dtype and
-attention kernel are not used.
+micro-batch (batch 1) and one AdamW step, and sums the local tensors. Mixture-of-experts models (expert
+parallelism included) skip the forward+backward — how many rows each expert gets depends on the token values,
+which fake tensors do not have — and get one gradient per parameter shard, the shape FSDP2 leaves. The layout
+must pass the shared rules and the trainer's (zili.parallel.layout.problem, trainer_problem); the layout's
+micro-batch, dtype and attention kernel are not used.
 
 Returned counts are in bytes (`params`, `grads`, `optimizer`: this rank's persistent tensors, i.e. the
 local shards of DTensors) plus `stage_ids` (pipeline stages held), `world_size` and `n_params_local`
@@ -29,7 +31,7 @@ from zili.models.args import ModelArgs
 from zili.models.transformer import Transformer
 from zili.parallel.apply import transform
 from zili.parallel.layout import Layout, problem, trainer_problem
-from zili.parallel.mesh import build_mesh
+from zili.parallel.mesh import build_expert_mesh, build_mesh
 from zili.parallel.pipeline import stage_ids, stage_module
 from zili.train.optim import build_optimizer
 
@@ -47,6 +49,7 @@ def _config(layout: Layout) -> Config:
     cfg = Config()
     p = cfg.parallelism
     p.tp, p.pp, p.dp_shard, p.dp_replicate = layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate
+    p.cp, p.ep = layout.cp, layout.ep
     p.sequence_parallel = layout.sequence_parallel
     p.pp_stages_per_rank = layout.vpp
     p.pp_schedule = "Interleaved1F1B" if layout.vpp > 1 else "1F1B"
@@ -78,19 +81,24 @@ def measure_rank_bytes(args: ModelArgs, layout: Layout, *, rank: int = 0, seq_le
     fake_world(rank, layout.world_size)
     try:
         mesh = build_mesh(layout, "cpu")
+        expert_mesh = build_expert_mesh(layout, "cpu") if layout.ep > 1 else None
         with torch.device("meta"):
             model = Transformer(args)
         n_stages = layout.pp * layout.vpp
         ids = stage_ids(mesh.get_local_rank("pp"), layout.pp, layout.vpp) if layout.pp > 1 else [0]
         parts = [stage_module(model, stage, n_stages) if layout.pp > 1 else model for stage in ids]
         for part in parts:  # on the meta device, as zili.parallel.apply.parallelize does
-            transform(part, cfg, layout, mesh, compute_dtype=torch.bfloat16)
+            transform(part, cfg, layout, mesh, compute_dtype=torch.bfloat16, expert_mesh=expert_mesh)
         with fake_tensor_mode():
             for part in parts:  # storage-less "cpu" tensors; the values (init_weights) don't matter here
                 part.to_empty(device="cpu")
             # with sequence parallelism a stage receives its tp-th of the sequence from the previous one
             hidden_len = seq_len // layout.tp if sequence_parallel else seq_len
             for stage, part in zip(ids, parts):
+                if args.is_moe:  # routing sizes depend on token values, which fake tensors lack: FSDP's grads
+                    for p in part.parameters():
+                        p.grad = torch.zeros_like(p)
+                    continue
                 if stage == 0:
                     x = torch.zeros(1, seq_len, dtype=torch.long)
                 else:

@@ -42,6 +42,8 @@ def detached_value(loss: torch.Tensor) -> torch.Tensor:
 def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocast, train: bool,
                 mtp_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     part = model.parts[0]
+    inputs, targets, positions = model.sequence_part(inputs, targets)  # context parallel: this rank's chunks
+    where = {} if positions is None else {"positions": positions}
     n_micro = inputs.shape[0] // micro_batch
     total = torch.zeros((), device=inputs.device)
     mtp_total = torch.zeros((), device=inputs.device) if mtp_weight else None
@@ -52,7 +54,7 @@ def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocas
         chunk = slice(i * micro_batch, (i + 1) * micro_batch)
         with model.loss_context():
             with autocast():
-                out = part(inputs[chunk], mtp=True) if mtp_weight else part(inputs[chunk])
+                out = part(inputs[chunk], mtp=True, **where) if mtp_weight else part(inputs[chunk], **where)
             logits, mtp_logits = out if mtp_weight else (out, None)
             loss = lm_loss(logits, targets[chunk]) / n_micro
             objective = loss
@@ -89,7 +91,9 @@ def forward_backward(model: ParallelModel, inputs: torch.Tensor, targets: torch.
     """(The mean language-modelling loss over this rank's batch `inputs` (B, T), the mean multi-token-prediction
     loss or None) — with gradients of loss + `mtp_weight` x mtp loss accumulated when `train` (mtp_weight > 0
     needs a model with `mtp_depth` 1) — as 0-dim device tensors (no host sync). Pipelined models: the loss on
-    ranks holding the last stage, 0 elsewhere; otherwise `micro_batch` sequences per forward/backward."""
+    ranks holding the last stage, 0 elsewhere; otherwise `micro_batch` sequences per forward/backward. Under
+    context parallelism every rank of a cp group is given the same sequences and keeps its own chunks of them
+    (`ParallelModel.sequence_part`): the loss is then the mean over this rank's tokens."""
     if model.schedule is not None:
         return _pipeline(model, inputs, targets, autocast, train), None
     return _accumulate(model, inputs, targets, micro_batch, autocast, train, mtp_weight)
@@ -157,12 +161,17 @@ def expert_layers(part) -> list:
 
 
 def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) -> torch.Tensor | None:
-    """After an optimizer step: the step's expert load (max over this rank's expert layers of busiest ÷ mean,
-    0-dim device tensor; None for a dense model), then each sigmoid-routed layer's balancing-bias update by
-    `rate` — none when the step was skipped — and the load counts restarted."""
+    """After an optimizer step: the step's expert load (max over this rank's expert layers of busiest ÷ mean over
+    the global batch, 0-dim device tensor; None for a dense model), then each sigmoid-routed layer's
+    balancing-bias update by `rate` — none when the step was skipped — and the load counts restarted."""
     layers = [layer for part in model.parts for layer in expert_layers(part)]
     if not layers:
         return None
+    if model.data_group is not None:  # every rank balances on the global batch's load, as one process would
+        counts = torch.stack([layer.tokens_per_expert for layer in layers])
+        dist.all_reduce(counts, group=model.data_group)
+        for layer, count in zip(layers, counts):
+            layer.tokens_per_expert.copy_(count)
     load = torch.stack([layer.load_imbalance() for layer in layers]).max()
     for layer in layers:
         layer.update_bias(rate * (1 - skipped))

@@ -89,7 +89,11 @@ class Trainer:
         if t.seq_len > self.args.max_seq_len:
             raise UserError(f"training.seq_len {t.seq_len} exceeds the model's max_seq_len {self.args.max_seq_len} — "
                             "lower it")
-        check_layout(self.layout, self.args, t.batch_size)
+        check_layout(self.layout, self.args, t.batch_size, t.seq_len)
+        if self.layout.cp > 1 and self.args.is_moe and cfg.moe.aux_loss_coef > 0:
+            raise UserError("moe.aux_loss_coef > 0 with cp > 1: the sequence-wise balance loss needs each sequence "
+                            "whole, and context parallelism splits it — set moe.aux_loss_coef=0 (the balancing bias "
+                            "still balances) or cp=1")
         self.mesh = build_mesh(self.layout, self.accel.type) if self.world_size > 1 else None
         self.local_batch = t.batch_size // self.layout.dp
         self.run_dir = Path(distributed.broadcast_text(str(make_run_dir(cfg)), self.accel.device))
@@ -208,7 +212,8 @@ class Trainer:
         if self.world_size == 1:
             return float(local)
         contribution = local if self.model.has_last_stage else torch.zeros_like(local)
-        return float(distributed.all_reduce(contribution)) / (self.layout.dp * self.layout.tp)
+        # every rank of a stage holds a mean over equally many tokens: its dp slice, its cp chunks, once per tp rank
+        return float(distributed.all_reduce(contribution)) / (self.layout.dp * self.layout.cp * self.layout.tp)
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -253,8 +258,9 @@ class Trainer:
     def global_batch_ids(self) -> list[int]:
         """The sequence ids every data-parallel rank consumed in the last step, in global-batch order."""
         local = torch.tensor(self.loader.last_batch_ids, dtype=torch.int64, device=self.accel.device)
-        rows = distributed.all_gather_rows(local)  # ranks ordered (pp, dp_replicate, dp_shard, tp)
-        return rows[0 : self.layout.dp * self.layout.tp : self.layout.tp].flatten().tolist()
+        rows = distributed.all_gather_rows(local)  # ranks ordered (pp, dp_replicate, dp_shard, cp, tp)
+        per_dp = self.layout.cp * self.layout.tp
+        return rows[0 : self.layout.dp * per_dp : per_dp].flatten().tolist()
 
     # ---- loop --------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
@@ -311,8 +317,9 @@ class Trainer:
                     timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
                     if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
                         record["val_loss"] = self.validate()
-                    if result.expert_load is not None:  # this step's, busiest expert ÷ mean, worst layer
-                        record["expert_load"] = float(result.expert_load)
+                    if self.args.is_moe:  # this step's, busiest expert ÷ mean, worst layer of every stage
+                        here = result.expert_load if result.expert_load is not None else torch.zeros(())
+                        record["expert_load"] = float(distributed.all_reduce(here, op="max"))
                     if result.mtp_loss is not None:
                         record["mtp_loss"] = float(result.mtp_loss)
                     if cfg.metrics.log_sequence_ids:
