@@ -118,8 +118,8 @@ def fake_tensor_mode():
 
 def clear_sharding_cache() -> None:
     """Drop DTensor's cached sharding decisions and flattened meshes (keyed by mesh shape): after a world is
-    destroyed, a later world of the same shape would otherwise get its dead process groups. (torch >= 2.11 has a function for it;
-    before, the cache is the `lru_cache` on the sharding propagator's method.)"""
+    destroyed, a later world of the same shape would otherwise get its dead process groups. (torch >= 2.11 has
+    a function for the first; before, the cache is the `lru_cache` on the sharding propagator's method.)"""
     # torch <= 2.10 also keeps flattened sub-meshes per root mesh, which compares by shape: drop them too
     for name in ("root_to_flatten_mapping", "flatten_name_to_root_dims"):
         mapping = getattr(_device_mesh._mesh_resources, name, None)
