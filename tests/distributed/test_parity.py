@@ -24,7 +24,7 @@ LAYOUTS = [
     pytest.param(2, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"], id="cp2"),
     pytest.param(4, 2, ["--parallelism.cp=2", "--parallelism.tp=2", "--parallelism.dp_shard=1"], id="cp2-x-tp2",
                  marks=SLOW),
-    pytest.param(4, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=2"], id="cp2-x-fsdp2"),
+    pytest.param(4, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=2"], id="cp2-x-fsdp2", marks=SLOW),
     # 8 processes on a 2-core machine are slow: the first 5 of the 20 steps (exit_after) suffice here
     pytest.param(8, 4, ["--parallelism.pp=2", "--parallelism.dp_shard=2", "--parallelism.tp=2",
                         "--training.exit_after=5"], id="pp2-x-fsdp2-x-tp2", marks=SLOW),

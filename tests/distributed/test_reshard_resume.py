@@ -10,8 +10,9 @@ from tests.distributed.conftest import PARITY, assert_losses_match, check_ok, re
 CASES = [
     # (ranks, layout) before -> (ranks, layout) after
     pytest.param((2, ["--parallelism.dp_shard=2"]), (1, []), id="fsdp2-to-1"),
-    pytest.param((1, []), (2, ["--parallelism.dp_shard=2"]), id="1-to-fsdp2"),
-    pytest.param((2, ["--parallelism.tp=2"]), (2, ["--parallelism.dp_shard=2"]), id="tp2-to-fsdp2"),
+    pytest.param((1, []), (2, ["--parallelism.dp_shard=2"]), id="1-to-fsdp2", marks=pytest.mark.slow),
+    pytest.param((2, ["--parallelism.tp=2"]), (2, ["--parallelism.dp_shard=2"]), id="tp2-to-fsdp2",
+                 marks=pytest.mark.slow),
     pytest.param((2, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B"]),
                  (2, ["--parallelism.tp=2"]), id="pp2-interleaved-to-tp2", marks=pytest.mark.slow),
     pytest.param((2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"]), (1, []), id="cp2-to-1"),

@@ -67,13 +67,17 @@ def test_degrees_must_multiply_to_world_size(layout, world, message):
     (dict(dp_shard=4, ep=4), MOE, "ep=4 does not divide n_routed_experts \\(6\\)"),
     (dict(dp_shard=2, ep=4), dict(MOE, n_routed_experts=8), "ep=4 must divide dp_shard\\*cp = 2"),
     (dict(dp_shard=2, tp=2), dict(MOE, qk_norm=True), "no tensor-parallel plan"),
+    (dict(cp=2, dp_shard=1), dict(mtp_depth=1), "context parallelism has no path for multi-token"),
+    (dict(cp=2, dp_shard=1, pp=2), {}, "does not combine context parallelism with pipeline"),
+    (dict(cp=4, dp_shard=1), {}, "cp=4 cuts each sequence into 2\\*cp = 8 equal chunks"),
 ])
 def test_layout_checks(layout, overrides, message):
     cfg = config(**layout)
-    world = cfg.parallelism.pp * max(cfg.parallelism.dp_shard, 1) * cfg.parallelism.tp
+    cfg.training.seq_len = 36  # 2*cp must divide it: 4 does, 8 does not
+    world = cfg.parallelism.pp * max(cfg.parallelism.dp_shard, 1) * cfg.parallelism.tp * cfg.parallelism.cp
     args = ModelArgs(**{**ARGS.to_dict(), **overrides})
     with pytest.raises(UserError, match=message):
-        check_layout(resolve_layout(cfg, world), args, cfg.training.batch_size)
+        check_layout(resolve_layout(cfg, world), args, cfg.training.batch_size, cfg.training.seq_len)
 
 
 def test_good_layout_passes_and_counts_stages():
