@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_plan import plan_json, user_error
 from zili.accel import load_chips
 from zili.bench.workloads import WORKLOADS
 from zili.cli import main
@@ -30,19 +31,6 @@ def a100_held_out() -> list[dict]:
     rows = tomllib.loads((DATA / "published_runs.toml").read_text())["run"]
     return [dict(r, group="BLOOM-176B" if r["name"].startswith("bloom") else "MosaicML MPT")
             for r in rows if r["name"].startswith(("bloom", "mpt-"))]
-
-
-def plan_json(capsys, *args) -> dict:
-    main(["plan", *map(str, args), "--json"])
-    return json.loads(capsys.readouterr().out)
-
-
-def user_error(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(["plan", *map(str, args)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
