@@ -21,13 +21,13 @@ BAD = [
     pytest.param(2, ["--training.device=cpu:0"], "names one device for every rank", id="one-device-for-all-ranks"),
     pytest.param(2, ["--parallelism.fsdp_cpu_offload=true"], "on the CPU already", id="cpu-offload-on-cpu"),
     pytest.param(2, ["--parallelism.cp=2", "--training.seq_len=34"], "seq_len 34 is not a multiple of 4",
-                 id="cp-not-dividing-the-chunked-sequence"),
+                 id="cp-not-dividing-the-chunked-sequence", marks=SLOW),
     pytest.param(2, ["--parallelism.cp=2", "--model.mtp_depth=1"], "context parallelism has no path for multi-token",
                  id="cp-with-multi-token-prediction", marks=SLOW),
 ]
 BAD += [  # the other expert-parallel rules: tests/unit/test_parallel_layout.py
     pytest.param(2, ["--model.preset=tiny-moe", "--parallelism.ep=4"], "ep=4 must divide dp_shard*cp = 2",
-                 id="ep-above-data-ranks"),
+                 id="ep-above-data-ranks", marks=SLOW),
     pytest.param(2, ["--model.preset=tiny-moe", "--parallelism.cp=2", "--parallelism.dp_shard=1",
                      "--moe.aux_loss_coef=0.001"], "moe.aux_loss_coef > 0 with cp > 1", id="cp-with-balance-loss"),
 ]

@@ -23,7 +23,7 @@ MOE_PARITY = [*PARITY, "--model.preset=tiny-moe", "--model.moe_ffn_dim=64", "--t
 SLOW = pytest.mark.slow  # left out of the default run (`make test-slow`), to keep it under 10 minutes
 
 LAYOUTS = [
-    pytest.param(2, ["--parallelism.ep=2"], id="ep2"),
+    pytest.param(2, ["--parallelism.ep=2"], id="ep2", marks=SLOW),  # also the first 4 steps of the resume test
     pytest.param(4, ["--parallelism.ep=2", "--parallelism.dp_shard=4"], id="ep2-x-expert-fsdp2"),
     pytest.param(4, ["--parallelism.ep=2", "--parallelism.dp_shard=2", "--parallelism.dp_replicate=2"],
                  id="ep2-x-hsdp", marks=SLOW),
