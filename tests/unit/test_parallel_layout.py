@@ -68,6 +68,7 @@ def test_degrees_must_multiply_to_world_size(layout, world, message):
     (dict(dp_shard=2, ep=4), dict(MOE, n_routed_experts=8), "ep=4 must divide dp_shard\\*cp = 2"),
     (dict(dp_shard=2, tp=2), dict(MOE, qk_norm=True), "no tensor-parallel plan"),
     (dict(cp=2, dp_shard=1), dict(mtp_depth=1), "context parallelism has no path for multi-token"),
+    (dict(dp_shard=2), dict(mtp_depth=1), "multi-token prediction in one process"),
     (dict(cp=2, dp_shard=1, pp=2), {}, "does not combine context parallelism with pipeline"),
     (dict(cp=4, dp_shard=1), {}, "cp=4 cuts each sequence into 2\\*cp = 8 equal chunks"),
 ])

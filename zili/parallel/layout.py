@@ -146,8 +146,8 @@ def trainer_problem(layout: Layout, args: ModelArgs) -> str | None:
         return ("zili has no tensor-parallel plan for multi-head latent attention or Qwen3's q/k-norm attention yet "
                 "(data, context, expert and pipeline parallelism run them) — set tp=1")
     if args.mtp_depth and layout.world_size > 1:
-        return ("zili trains multi-token prediction on one device for now (its parallel layouts come with expert "
-                "parallelism) — run a single process")
+        return ("zili trains multi-token prediction in one process for now (no parallel layout carries its extra "
+                "layer yet) — run a single process, or set model.mtp_depth=0")
     if layout.pp > 1 and args.tied_embeddings:
         return ("pipeline parallelism needs an output head of its own (the embedding lives on the first stage) — "
                 "set model.tied_embeddings=false or pp=1")
