@@ -162,6 +162,17 @@ def test_context_parallel_gathers_kv_and_keeps_it():
                                      + (seq - seq // cp) * 2 * args.n_kv_heads * args.head_dim * 2)
 
 
+def test_context_parallel_gathers_the_latent_of_latent_attention():
+    """MLA under cp: the trainer gathers the latent + shared rope key (512 + 64 values per token for DeepSeek-V3),
+    not the expanded per-head K and V (128 x (192 + 128))."""
+    args, seq = load_model("deepseek-v3", 16384)
+    layout = Layout(cp=2, dp_shard=4, recompute="none")
+    step = _step(args, layout, count=8, seq_len=seq)
+    gathered = seq * (512 + 64) * 2
+    per_pass = gathered / 2 / step.bandwidth("cp", 2) + cost.LATENCY_S
+    assert cost.context_time(step) == pytest.approx(step.first_stage_layers * 2 * per_pass)
+
+
 def test_expert_bytes_per_rank_under_ep():
     args = ModelArgs(n_layers=8, dim=1024, n_heads=8, n_kv_heads=8, ffn_dim=4096, vocab_size=1000,
                      n_routed_experts=16, top_k=2, moe_ffn_dim=512, n_dense_layers=0)

@@ -265,14 +265,20 @@ def expert_time(step: Step) -> float:
 
 
 def context_time(step: Step) -> float:
-    """Context parallelism, per layer: all-gather of K and V over the cp ranks (each holds s/cp tokens of a
-    sequence) in the forward, reduce-scatter of their gradients in the backward, and the all-gather again when full
-    recomputation redoes the forward; K/V heads split over tp. Exposed."""
-    layout = step.layout
+    """Context parallelism, per layer: all-gather of the key material over the cp ranks (each holds s/cp tokens
+    of a sequence) in the forward, reduce-scatter of its gradient in the backward, and the all-gather again when
+    full recomputation redoes the forward. What zili's trainer gathers: K and V (heads split over tp), or for
+    multi-head latent attention the latent and the shared rope key (kv_lora_rank + qk_rope_head_dim values per
+    token), which each rank then expands itself. Exposed."""
+    layout, args = step.layout, step.args
     cp = layout.cp
     if cp == 1:
         return 0.0
-    gathered = cp * step.device_tokens * memory.kv_bytes_per_token(step.args) / layout.tp  # the sequence's K, V
+    if args.is_mla:
+        per_token = memory.BYTES * (args.kv_lora_rank + args.qk_rope_head_dim)
+    else:
+        per_token = memory.kv_bytes_per_token(args) / layout.tp
+    gathered = cp * step.device_tokens * per_token  # the whole sequence's key material
     bandwidth = step.bandwidth("cp", cp)
     passes = ring_time("all_gather", gathered, cp, bandwidth) + ring_time("reduce_scatter", gathered, cp, bandwidth)
     if layout.recompute == "full":
