@@ -61,14 +61,40 @@ def test_chip_rows_report_the_held_out_errors_they_have(predictions):
 
 def test_held_out_medians(predictions):
     """Acceptance figures (docs/planner.md, Held-out runs): dense runs from other sources than the fitting sets,
-    median |error| <= 10 %; MoE runs (the bf16 Megatron-Core ones and DeepSeek-V3 in fp8) measured at 16.7 % —
-    above the 15 % the issue asks — and the Megatron-Core ones alone at 18.9 %."""
+    median |error| <= 10 %; MoE runs (the bf16 Megatron-Core ones and DeepSeek-V3 in fp8), none of them used to
+    fit anything, median |error| <= 15 %."""
     dense = [abs(p["error"]) for p in predictions if p["kind"] == "dense"]
-    moe_bf16 = [abs(p["error"]) for p in predictions if p["group"] == "Megatron-Core MoE H100"]
     moe = [abs(p["error"]) for p in predictions if p["kind"] == "moe"]
-    assert len(dense) == 12 and statistics.median(dense) <= 0.10
-    assert len(moe_bf16) == 4 and statistics.median(moe_bf16) == pytest.approx(0.189, abs=0.005)
-    assert statistics.median(moe) == pytest.approx(0.167, abs=0.005)
+    assert len(dense) == 13 and statistics.median(dense) <= 0.10
+    assert len(moe) == 5 and statistics.median(moe) <= 0.15
+
+
+def test_all_to_all_exposed_zeroes_the_error_of_its_fitting_runs(tmp_path):
+    """The H100's `all_to_all_exposed` is fitted on NeMo AutoModel's MoE runs (moe_fitting_runs.toml): mean signed
+    error 0 there; every MoE row of heldout_runs.toml is from another source; the H800 takes the H100's."""
+    fit = tomllib.loads((DATA / "moe_fitting_runs.toml").read_text())["run"]
+    errors = [predict(r, tmp_path)["error"] for r in fit]
+    assert len(fit) == 4 and abs(statistics.mean(errors)) < 0.01, errors
+    assert {r["group"] for r in fit}.isdisjoint({r["group"] for r in HELD_OUT if r["kind"] == "moe"})
+    assert {r["name"] for r in fit}.isdisjoint({r["name"] for r in HELD_OUT})
+    chips = load_chips()
+    assert chips["h800"]["all_to_all_exposed"] == chips["h100-sxm"]["all_to_all_exposed"] < 1
+    # without it (every all-to-all exposed) the same runs are planned slower
+    unfitted = [predict(dict(r, chip_overrides={"all_to_all_exposed": 1.0}), tmp_path)["error"] for r in fit]
+    assert all(u > e for u, e in zip(unfitted, errors))
+
+
+def test_a_ring_across_nodes_moves_one_nic_per_local_rank():
+    """A ring collective over whole nodes runs at (its ranks per node) x one NIC, at most the scale-up link; a
+    group with one rank per node gets one NIC; inside a node, the scale-up link."""
+    h100 = load_cluster("h100-sxm", 64, 8)
+    nic, up = 50e9 * cost.LINK_EFFICIENCY, 450e9 * cost.LINK_EFFICIENCY
+    assert cost.link_bandwidth(h100, stride=1, size=8) == up
+    assert cost.link_bandwidth(h100, stride=1, size=64) == 8 * nic  # 8 NICs: 400 GB/s, under NVLink's 450
+    fast_nics = replace(h100, row={**h100.row, "scale_out_gbps": 100})
+    assert cost.link_bandwidth(fast_nics, stride=1, size=64) == up
+    assert cost.link_bandwidth(h100, stride=2, size=32) == 4 * nic
+    assert cost.link_bandwidth(h100, stride=8, size=8) == nic
 
 
 def _bench_result(step_s: float) -> dict:
@@ -139,9 +165,8 @@ def test_imbalance_slows_experts_and_their_all_to_all():
     args, _ = load_model("deepseek-v3")
     layout = Layout(pp=16, ep=64, dp_shard=128, zero=1)
     even, skewed = _step(args, layout, count=2048), _step(args, layout, count=2048, imbalance=1.5)
-    assert cost.expert_time(skewed) == pytest.approx(
-        1.5 * (cost.expert_time(even) - cost.LATENCY_S * 4 * even.first_stage_layers * even.moe_share)
-        + cost.LATENCY_S * 4 * even.first_stage_layers * even.moe_share)
+    latency = cost.LATENCY_S * 4 * even.first_stage_layers * even.moe_share * cost.all_to_all_exposed(even.cluster)
+    assert cost.expert_time(skewed) == pytest.approx(1.5 * (cost.expert_time(even) - latency) + latency)
     extra = cost.layer_flops(skewed).training - cost.layer_flops(even).training
     routed = even.moe_share * 2 * args.top_k * 3 * 7168 * 2048  # forward FLOPs per token in routed experts
     assert extra == pytest.approx(0.5 * 3 * routed)
@@ -198,3 +223,12 @@ def test_ep_and_cp_are_searched(tmp_path, capsys):
     assert all(r["time"]["cp_comm_s"] > 0 for r in plan["layouts"] if r["cp"] > 1)
     assert "--moe-imbalance" in user_error(capsys, "--model", moe, "--chip", "h100-sxm", "--count", 16,
                                            "--moe-imbalance", 0.5)
+
+
+def test_report_says_where_the_all_to_all_share_comes_from(capsys):
+    """The plan names `all_to_all_exposed` with its fitting runs on a calibrated chip, and says it is the
+    uncalibrated default (1: every all-to-all exposed) on another."""
+    for chip, value, origin in (("h100-sxm", 0.51, "NeMo AutoModel"), ("a100-80gb", 1.0, "uncalibrated default")):
+        plan = plan_json(capsys, "--model", "qwen3-30b-a3b", "--chip", chip, "--count", 16, "--ep", 8, "--top", 1)
+        entry = next(c for c in plan["assumptions"]["constants"] if c["name"] == "all_to_all_exposed")
+        assert entry["value"] == value and origin in entry["origin"], entry

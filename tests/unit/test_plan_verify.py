@@ -11,7 +11,9 @@ from zili.cli import main
 from zili.errors import UserError
 from zili.models.args import ModelArgs
 from zili.models.flops import param_counts, routed_expert_params
-from zili.parallel.layout import Layout
+from zili.parallel.layout import Layout, trainer_problem
+from zili.plan.planner import LAYOUT_KEYS
+from zili.plan.spec import load_model
 from zili.plan.verify import measure_rank_bytes
 
 TINY = ModelArgs(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=64)
@@ -136,6 +138,21 @@ def test_plan_verify_builds_trillion_parameter_moe_layouts(argv, capsys):
     """`zili plan --verify` builds the real MLA + MoE model for rank 0 of thousands of fake ranks (pipeline, FSDP
     and expert parallel) and its measured bytes agree with the planner's."""
     main(["plan", *argv, "--chip", "h800", "--verify", "--json"])
-    verify = json.loads(capsys.readouterr().out)["layouts"][0]["verify"]
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    # the best layout zili's trainer can build is the one verified: those ranked above it, it cannot
+    index = next(i for i, r in enumerate(layouts) if "verify" in r)
+    args = load_model(argv[1])[0]
+    assert all(trainer_problem(Layout(**{k: r[k] for k in LAYOUT_KEYS}), args) for r in layouts[:index])
+    verify = layouts[index]["verify"]
     assert verify["world_size"] == int(argv[3])
     assert abs(verify["measured_bytes"] / verify["analytic_bytes"] - 1) < 0.05
+
+
+def test_verify_refuses_when_no_feasible_layout_can_be_built(capsys):
+    """Qwen3's q/k-norm attention has no tensor-parallel plan in zili: with tp fixed at 2 nothing the planner
+    finds can be built, and --verify says so in one line (exit 2) instead of measuring another layout."""
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", "--model", "qwen3-0.6b", "--chip", "h100-sxm", "--count", "8", "--tp", "2", "--verify"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "none of the feasible layouts" in err and "tp=1" in err

@@ -4,8 +4,9 @@
 `constants(cluster, moe_imbalance)` lists each constant the step time uses with its value and origin:
 `matmul_efficiency` calibrated on published runs on the chip (its chip row's `calibration`; `held_out` says how
 far the runs not used to fit it are off), measured by `zili bench` (after `calibrate`), or the uncalibrated
-default; the traffic per activation byte, fitted once on A100 runs and used for every chip; the link efficiency
-and per-call latency, assumptions; the MoE imbalance, the user's flag.
+default; `all_to_all_exposed`, fitted on published MoE runs on the chip (`all_to_all_calibration`) or 1; the
+traffic per activation byte, fitted once on A100 runs and used for every chip; the link efficiency and per-call
+latency, assumptions; the MoE imbalance, the user's flag.
 
 `calibrate(cluster, result, workload_args, path)` inverts the planner on the bench run: one device training
 `workload_args` on `result["batch"]` sequences of `result["seq_len"]` tokens in bf16, no recomputation, flash
@@ -85,6 +86,10 @@ def constants(cluster: Cluster, moe_imbalance: float = 1.0) -> list[dict]:
     return [efficiency,
             {"name": "traffic_per_activation_byte", "value": cost.TRAFFIC_PER_ACTIVATION_BYTE,
              "origin": "fitted once on the Megatron-LM A100 runs, used for every chip"},
+            {"name": "all_to_all_exposed", "value": cost.all_to_all_exposed(cluster),
+             "origin": row.get("all_to_all_calibration") or ("the chip file's all_to_all_exposed (origin not given)"
+                                                              if "all_to_all_exposed" in row else
+                                                              "uncalibrated default: every expert all-to-all exposed")},
             {"name": "link_efficiency", "value": cost.LINK_EFFICIENCY, "origin": "default (assumption)"},
             {"name": "latency_s", "value": cost.LATENCY_S, "origin": "default (assumption)"},
             {"name": "moe_imbalance", "value": moe_imbalance,

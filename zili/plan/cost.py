@@ -16,8 +16,10 @@ for large transformer matmuls: a per-chip constant (`matmul_efficiency` in the c
 `DEFAULT_MATMUL_EFFICIENCY`), calibrated once for the A100 on the published runs (docs/planner.md).
 
 Links. A collective over a group inside one node runs at the chip's scale-up bandwidth (half the quoted
-both-directions figure), one that crosses nodes at its scale-out bandwidth per chip (one NIC per chip), both
-times LINK_EFFICIENCY, plus LATENCY_S per call. Ring costs over g ranks for n bytes: all-reduce
+both-directions figure). A ring collective that crosses nodes runs at the scale-out bandwidth per chip (one NIC
+per chip) times the group's ranks on one node, at most the scale-up bandwidth (`link_bandwidth`); an expert
+all-to-all sends each rank's off-node bytes through its own NIC. All times LINK_EFFICIENCY, plus LATENCY_S per
+call. Ring costs over g ranks for n bytes: all-reduce
 2(g-1)/g*n/bw, all-gather / reduce-scatter / all-to-all (g-1)/g*n/bw, point-to-point n/bw.
 
 Overlap assumptions (what is exposed):
@@ -25,7 +27,8 @@ Overlap assumptions (what is exposed):
   forward, 2 per backward, 2 more for full recomputation, 1 all-reduce-equivalent more for selective
   recomputation with sequence parallelism (the all-gather is redone): never overlapped.
 - pipeline sends between stages (forward activation, backward gradient, per virtual stage): exposed.
-- expert all-to-alls (dispatch + combine, forward and backward; `expert_time`): exposed. A token's copies go
+- expert all-to-alls (dispatch + combine, forward and backward; `expert_time`): the chip row's
+  `all_to_all_exposed` share of their time is exposed (1 where not calibrated). A token's copies go
   to its top_k experts; those on other nodes cross the scale-out links, the rest stay on the scale-up links
   (the two run at once: the slower sets the time). Node-limited routing (DeepSeek-V3: n_group groups of
   experts, one group per node, a token visits at most topk_group of them) caps the nodes a token is sent to.
@@ -145,13 +148,23 @@ def matmul_efficiency(cluster: Cluster) -> float:
     return cluster.row.get("matmul_efficiency") or DEFAULT_MATMUL_EFFICIENCY
 
 
+def all_to_all_exposed(cluster: Cluster) -> float:
+    """Share of the expert all-to-all time that is not hidden (the chip row's `all_to_all_exposed`, else 1)."""
+    return cluster.row.get("all_to_all_exposed") or 1.0
+
+
 def link_bandwidth(cluster: Cluster, stride: int, size: int) -> float:
-    """Bytes/s per chip for a group of `size` ranks `stride` apart."""
+    """Bytes/s per chip of a ring collective over a group of `size` ranks `stride` apart. Inside one node: the
+    scale-up link. Across nodes: the group's `local` ranks on each node share that node's traffic between them,
+    each through its own NIC (NCCL runs one ring per NIC and relays inside the node over the scale-up links),
+    so a ring that crosses a node boundary moves local x one NIC's bandwidth, at most the scale-up link's."""
     if size <= 1:
         return float("inf")
-    inside = stride * size <= cluster.per_node
-    gbps = cluster.row["scale_up_gbps"] / 2 if inside else cluster.row["scale_out_gbps"]
-    return gbps * 1e9 * LINK_EFFICIENCY
+    up = cluster.row["scale_up_gbps"] / 2
+    if stride * size <= cluster.per_node:
+        return up * 1e9 * LINK_EFFICIENCY
+    local = max(1, min(size, cluster.per_node // stride))
+    return min(up, local * cluster.row["scale_out_gbps"]) * 1e9 * LINK_EFFICIENCY
 
 
 def ring_time(kind: str, n_bytes: float, group: int, bandwidth: float) -> float:
@@ -249,7 +262,7 @@ def expert_time(step: Step) -> float:
     """Expert all-to-alls per MoE layer on the stage: dispatch + combine, forward and backward (4; 6 with full
     recomputation, whose forward redoes them). Each sends the micro-batch's hidden states x top_k (/tp with
     sequence parallelism) x the imbalance; the copies to other nodes go over the scale-out links, the rest
-    over the scale-up links, at once (the slower one sets the time). Exposed."""
+    over the scale-up links, at once (the slower one sets the time). Times the chip's `all_to_all_exposed`."""
     layout = step.layout
     if layout.ep == 1:
         return 0.0
@@ -261,7 +274,7 @@ def expert_time(step: Step) -> float:
     out = step.cluster.row["scale_out_gbps"] * 1e9 * LINK_EFFICIENCY
     one = factor * max(message * remote / out, message * (1 - remote) / up) + LATENCY_S
     passes = 6 if layout.recompute == "full" else 4
-    return step.first_stage_layers * step.moe_share * passes * one
+    return step.first_stage_layers * step.moe_share * passes * one * all_to_all_exposed(step.cluster)
 
 
 def context_time(step: Step) -> float:

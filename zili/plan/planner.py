@@ -59,18 +59,29 @@ def _assumptions(cluster: Cluster, moe_imbalance: float) -> dict:
             "moe_imbalance": moe_imbalance, "constants": table}
 
 
+def _built_layout(result: dict) -> Layout:
+    """The layout zili's trainer builds for a planned one: persistent bytes do not depend on what is recomputed,
+    and zili's trainer recomputes whole blocks."""
+    layout = Layout(**{k: result[k] for k in LAYOUT_KEYS})
+    return replace(layout, recompute="none" if layout.recompute == "none" else "full")
+
+
+def _build_problem(args: ModelArgs, result: dict) -> str | None:
+    return trainer_problem(_built_layout(result), args)
+
+
+def _buildable(args: ModelArgs, layouts: list[dict]) -> int | None:
+    """Index of the best of `layouts` that zili's own trainer can build (None if none can)."""
+    return next((i for i, r in enumerate(layouts) if _build_problem(args, r) is None), None)
+
+
 def _verify(args: ModelArgs, result: dict) -> dict:
     """Measure rank 0's persistent bytes on the real model (fake process group) next to the analytic ones."""
     # torch.distributed and the model code take over a second to import: only --verify pays for them
     from zili.plan.verify import measure_rank_bytes
 
     layout = Layout(**{k: result[k] for k in LAYOUT_KEYS})
-    # persistent bytes do not depend on what is recomputed, and zili's trainer recomputes whole blocks
-    built = replace(layout, recompute="none" if layout.recompute == "none" else "full")
-    why = trainer_problem(built, args)
-    if why:
-        raise UserError(f"--verify builds the layout with zili's own model and trainer, which cannot run it: {why}")
-    measured = measure_rank_bytes(args, built)
+    measured = measure_rank_bytes(args, _built_layout(result))
     analytic = memory.weight_bytes(args, layout, "first")
     return {"rank": 0, "world_size": measured["world_size"], "stage_ids": measured["stage_ids"],
             "measured_bytes": measured["params"] + measured["grads"] + measured["optimizer"],
@@ -107,7 +118,12 @@ def make_plan(request: PlanRequest) -> dict:
     if tokens is None:
         tokens = budget.TOKENS_PER_PARAM * param_counts(args)["total"]
     found = search(args, cluster, request.fixed, seq_len=seq_len, global_batch=request.global_batch,
-                   tokens=tokens, top=request.top, moe_imbalance=request.moe_imbalance)
+                   tokens=tokens, top=None if request.verify else request.top,
+                   moe_imbalance=request.moe_imbalance)
+    verified = _buildable(args, found["layouts"]) if request.verify else None
+    if request.verify:  # the shown layouts, and the one verified if it ranks below them
+        found["layouts"] = found["layouts"][:request.top] + (
+            [found["layouts"][verified]] if verified is not None and verified >= request.top else [])
     if not found["layouts"]:
         if found["rejected"] and len(found["infeasible"]) == 1 and found["evaluated"] == 1:
             raise UserError(f"layout {Layout(**{k: found['rejected'][0][k] for k in LAYOUT_KEYS}).describe()} "
@@ -124,5 +140,9 @@ def make_plan(request: PlanRequest) -> dict:
     if advice:
         plan["advice"] = advice
     if request.verify:
-        plan["layouts"][0]["verify"] = _verify(args, plan["layouts"][0])
+        if verified is None:
+            raise UserError("--verify builds a layout with zili's own model and trainer, and none of the feasible "
+                            f"layouts can run there: {_build_problem(args, plan['layouts'][0])}")
+        shown = plan["layouts"][min(verified, request.top)]
+        shown["verify"] = _verify(args, shown)
     return plan

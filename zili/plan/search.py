@@ -136,9 +136,10 @@ def candidates(args: ModelArgs, cluster: Cluster, fixed: dict, seq_len: int) -> 
 
 
 def search(args: ModelArgs, cluster: Cluster, fixed: dict, *, seq_len: int, global_batch: int | None,
-           tokens: float, top: int = 5, moe_imbalance: float = 1.0) -> dict:
-    """{"layouts": the best `top` feasible evaluations (best first), "infeasible": {reason pattern: {count,
-    example}}, "evaluated": how many, "rejected": the first infeasible one when none is feasible}."""
+           tokens: float, top: int | None = 5, moe_imbalance: float = 1.0) -> dict:
+    """{"layouts": the best `top` feasible evaluations (best first; all of them with None), "infeasible": {reason
+    pattern: {count, example}}, "evaluated": how many, "rejected": the first infeasible one when none is
+    feasible}."""
     results = [evaluate(args, cluster, layout, seq_len=seq_len, global_batch=global_batch, tokens=tokens,
                         moe_imbalance=moe_imbalance)
                for layout in candidates(args, cluster, fixed, seq_len)]

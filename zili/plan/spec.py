@@ -30,6 +30,7 @@ FLAG_KEYS = ("tied_embeddings", "qkv_bias", "dropout")
 # every key of a model file, in the order `zili plan --json` reports them
 MODEL_KEYS = (*REQUIRED_KEYS, "mlp", "tied_embeddings", *MOE_KEYS, "qkv_bias", "dropout")
 CHIP_FIELDS = ("bf16_tflops", "fp16_tflops", "hbm_gb", "scale_up_gbps", "scale_out_gbps")
+FRACTIONS = ("matmul_efficiency", "all_to_all_exposed")  # calibrated chip-row constants, each in (0, 1]
 DEFAULT_SEQ_LEN = 4096  # tokens, for presets (their max_seq_len is what RoPE covers, not what one trains at)
 
 
@@ -123,14 +124,15 @@ def _check_chip(row: dict, where: str) -> dict:
         if key not in row:
             raise UserError(f"{where}: missing {key} — a chip needs {', '.join(CHIP_FIELDS)}")
     for key, value in row.items():
-        if key.endswith(("_tflops", "_gb", "_gbps", "_tbps")) or key == "matmul_efficiency":
+        if key.endswith(("_tflops", "_gb", "_gbps", "_tbps")) or key in FRACTIONS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise UserError(f"{where}: {key} must be a non-negative number, got {value!r}")
     for key in ("hbm_gb", "scale_up_gbps", "scale_out_gbps"):
         if row[key] <= 0:
             raise UserError(f"{where}: {key} must be positive, got {row[key]}")
-    if "matmul_efficiency" in row and not 0 < row["matmul_efficiency"] <= 1:
-        raise UserError(f"{where}: matmul_efficiency must be in (0, 1], got {row['matmul_efficiency']}")
+    for key in FRACTIONS:
+        if key in row and not 0 < row[key] <= 1:
+            raise UserError(f"{where}: {key} must be in (0, 1], got {row[key]}")
     return row
 
 
