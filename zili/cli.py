@@ -220,8 +220,9 @@ def _plan(argv: list[str]) -> None:
                         "flash (fused, as zili's SDPA; the default) or materialized (scores stored, as Megatron-LM "
                         "before FlashAttention)")
     parser.add_argument("--top", type=int, default=5, help="layouts to show (default 5)")
-    parser.add_argument("--verify", action="store_true", help="build the real model for the first layout under a "
-                        "fake process group of the full world size and compare its bytes with the analytic ones")
+    parser.add_argument("--verify", action="store_true", help="build the real model for the best layout zili's "
+                        "trainer can run, under a fake process group of the full world size, and compare its bytes "
+                        "with the analytic ones")
     parser.add_argument("--budget-chip-hours", type=float, default=None, help="propose the compute-optimal model "
                         "and token count for this many chip-hours (instead of --model)")
     parser.add_argument("--moe-imbalance", type=float, default=1.0, help="mixture of experts: routed tokens of "
