@@ -168,10 +168,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Attention output (B, H, T, dv) for q (B, H, T, d), k (B, KV, S, d), v (B, KV, S, dv). `causal` with S >= T:
     the queries are the last T of the S key positions, query i seeing keys 0..S-T+i (bottom-right aligned, as
-    after a generation cache or for one chunk of a sequence against all keys before it). `mask` (T, S) bool,
-    True = may attend, replaces the causal mask; `scale` multiplies q·k (default 1/sqrt(d)). The fused vendor
-    kernels are used for square causal attention where values have the head size of queries and keys (MLA's do
-    not: SDPA then); CPU training's matmul attention also takes S > T."""
+    after a generation cache or for one chunk of a sequence against all keys before it). `mask` (T, S) bool (or
+    (B, 1, T, S): one per row), True = may attend, replaces the causal mask; `scale` multiplies q·k (default
+    1/sqrt(d)). The fused vendor kernels are used for square causal attention where values have the head size of
+    queries and keys (MLA's do not: SDPA then); CPU training's matmul attention also takes S > T."""
     device = _device_type(q)
     T, S = q.shape[2], k.shape[2]
     plain_causal = mask is None and causal and T > 1 and T == S
@@ -236,9 +236,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by position; cos/sin are (T, head_dim), half-split layout."""
+    """Rotate x (B, heads, T, head_dim) by position; cos/sin are (T, head_dim), or (B, 1, T, head_dim) when each
+    row has its own positions; half-split layout."""
     if _device_type(x) == "npu" and (npu := accel.vendor_ops("npu")) is not None:
-        return npu.npu_rotary_mul(x, cos[None, None].to(x.dtype), sin[None, None].to(x.dtype))
+        if cos.dim() == 2:
+            cos, sin = cos[None, None], sin[None, None]
+        return npu.npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype))
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

@@ -30,7 +30,7 @@ from torch import nn
 
 from zili import kernels
 from zili.models.args import ModelArgs
-from zili.models.positions import KeyContext, Spans, causal_attention, rope_rows
+from zili.models.positions import Documents, KeyContext, Spans, causal_attention, rope_rows
 from zili.models.rmsnorm import RMSNorm
 from zili.models.rope import yarn_mscale
 
@@ -86,7 +86,7 @@ class LatentAttention(nn.Module):
         self.key_context = KeyContext()
 
     def forward(self, x, rope: torch.Tensor, cache: LatentCache | None = None, layer: int = 0, start_pos: int = 0,
-                positions: Spans | None = None):
+                positions: Spans | Documents | None = None):
         """x (B, T, dim); rope the model's (2, max_seq_len, qk_rope_head_dim) table; positions from `start_pos`, or
         `positions` (spans; then no cache): attention over the latents and rotated keys `key_context` returns,
         causal by position."""

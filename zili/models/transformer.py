@@ -35,7 +35,15 @@ from zili.models import init
 from zili.models.args import ModelArgs
 from zili.models.mla import LatentAttention, LatentCache
 from zili.models.moe import MoE
-from zili.models.positions import KeyContext, Spans, causal_attention, check_spans, rope_rows
+from zili.models.positions import (
+    Documents,
+    KeyContext,
+    Spans,
+    causal_attention,
+    check_spans,
+    document_positions,
+    rope_rows,
+)
 from zili.models.rmsnorm import RMSNorm
 from zili.models.rope import rope_table
 
@@ -86,7 +94,7 @@ class Attention(nn.Module):
         self.key_context = KeyContext()
 
     def forward(self, x, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
-                positions: Spans | None = None):
+                positions: Spans | Documents | None = None):
         """x (B, T, dim); rope the model's (2, max_seq_len, head_dim) cos/sin table; positions start at
         `start_pos`, or are `positions` (spans; then no cache): attention over the keys and values `key_context`
         returns, causal by position. Head counts come from the projections' outputs (a tensor-parallel shard has
@@ -142,7 +150,7 @@ class Block(nn.Module):
             self.mlp = SwiGLU(args.dim, args.ffn_dim)
 
     def forward(self, x, rope, cache: KVCache | LatentCache | None = None, start_pos: int = 0,
-                positions: Spans | None = None):
+                positions: Spans | Documents | None = None):
         # positions by keyword: tensor parallelism's input plan covers the five positional arguments
         x = x + self.attn(self.attn_norm(x), rope, cache, self.layer, start_pos, positions=positions)
         return x + self.mlp(self.mlp_norm(x))
@@ -190,17 +198,23 @@ class Transformer(nn.Module):
         return kind(self.args, batch, max_len, device, dtype)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | LatentCache | None = None,
-                mtp: bool = False, positions: Spans | None = None):
+                mtp: bool = False, positions: Spans | None = None, documents: torch.Tensor | None = None):
         """Logits (B, T, vocab); with `mtp` (a model with `mtp_depth` 1, no cache) also the multi-token
         prediction's logits (B, T-1, vocab), position i predicting token i+2. `positions`: the spans of positions
-        the T columns hold (zili.models.positions), instead of start_pos .. start_pos + T - 1; not with a cache
-        or `mtp` (whose one-column shift needs consecutive positions)."""
+        the T columns hold (zili.models.positions), instead of start_pos .. start_pos + T - 1. `documents`: (B, T)
+        document ids of packed rows (zili.models.positions.document_positions): positions restart with each
+        document and attention stays inside it. Neither with a cache or `mtp` (whose one-column shift needs
+        consecutive positions), nor both at once."""
         T = tokens.shape[1]
         end = start_pos + T
+        if documents is not None:
+            if positions is not None:
+                raise ValueError("documents and positions cannot be combined")
+            positions = document_positions(documents)
         if positions is not None:
             if cache is not None or mtp:
                 raise ValueError("positions cannot be combined with a generation cache or multi-token prediction")
-            end = check_spans(positions, T)
+            end = positions.end if isinstance(positions, Documents) else check_spans(positions, T)
         if end > self.args.max_seq_len:
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.args.max_seq_len}")
         h = self.embed(tokens) if self.embed is not None else tokens
