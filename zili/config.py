@@ -73,6 +73,8 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
+    objective: str = _f("lm", "'lm': next-token loss on every token (pretraining); 'sft': on the assistant tokens "
+                              "of a chat dataset, conversations packed apart (docs/post-training.md)", ("lm", "sft"))
     steps: int = _f(400, "optimizer steps to train")
     seed: int = _f(1234, "seed for initialisation, data order and sampling")
     device: str = _f("auto", "'auto' or a torch device string (cpu, cuda, cuda:1, npu, xpu, mps ...)")

@@ -6,6 +6,10 @@ first `seq_len` tokens and targets its last `seq_len` (consecutive windows share
 sequence ids run over the shards in manifest order. Documents are concatenated with EOS between them, so
 a sequence may span several documents (plain packing, no cross-document attention mask).
 
+A chat dataset (zili.data.packing) is packed differently: whole conversations fill rows of up to
+`seq_len + 1` tokens, padded, and each batch also carries document ids and targets with the untrained ones
+left out (IGNORE). Its sequence ids are row ids; split and order below are the same.
+
 Split: the validation ids are `n_val` ids spread evenly over `[0, n_sequences)`; they depend only on the
 dataset, `seq_len` and `val_fraction` (never on the seed or the world size). The rest are train ids.
 
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from zili.data.manifest import REPREPARE, read_manifest
+from zili.data.packing import START, Rows, pack_rows, row_tensors
 from zili.data.shards import file_sha256
 from zili.errors import UserError
 
@@ -43,6 +48,11 @@ class PackedDataset:
             for s in self.manifest["shards"]
         ]
         self._starts: dict[int, np.ndarray] = {}
+        self.kind = self.manifest["kind"]
+        self._flags = [np.memmap(self.directory / s["flags"]["file"], dtype=np.uint8, mode="r")
+                       if s["tokens"] else np.empty(0, np.uint8)
+                       for s in self.manifest["shards"]] if self.kind == "chat" else []
+        self._rows: dict[int, Rows] = {}
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -71,8 +81,34 @@ class PackedDataset:
         return self._starts[seq_len]
 
     def n_sequences(self, seq_len: int) -> int:
-        """Number of packed sequences of `seq_len` (+1) tokens."""
+        """Number of packed sequences of `seq_len` (+1) tokens (rows of conversations for a chat dataset)."""
+        if self.kind == "chat":
+            return len(self.rows(seq_len).spans)
         return int(self._first_ids(seq_len)[-1])
+
+    def rows(self, seq_len: int) -> Rows:
+        """A chat dataset's rows of up to `seq_len` + 1 tokens (zili.data.packing.pack_rows), cached."""
+        if seq_len < 1:
+            raise UserError(f"seq_len must be at least 1, got {seq_len} — use a positive sequence length")
+        if seq_len not in self._rows:
+            try:
+                self._rows[seq_len] = pack_rows(self._flags, seq_len + 1)
+            except ValueError as e:
+                raise UserError(f"dataset {self.directory}: {e} — {REPREPARE}") from None
+        return self._rows[seq_len]
+
+    def gather_rows(self, ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """A chat dataset's rows `ids`: tokens int64 and flags uint8, each (len(ids), seq_len + 1), padded with
+        EOS tokens whose first is flagged START (a document of its own) and the rest 0."""
+        spans = self.rows(seq_len).spans[np.asarray(ids, dtype=np.int64)]
+        tokens = np.full((len(spans), seq_len + 1), self.eos_id, dtype=np.int64)
+        flags = np.zeros((len(spans), seq_len + 1), dtype=np.uint8)
+        for row, (shard, offset, length) in enumerate(spans.tolist()):
+            tokens[row, :length] = self._shards[shard][offset : offset + length]
+            flags[row, :length] = self._flags[shard][offset : offset + length]
+            if length <= seq_len:
+                flags[row, length] = START
+        return tokens, flags
 
     def sequence(self, i: int, seq_len: int) -> np.ndarray:
         """Packed sequence `i`: `seq_len + 1` tokens (a read-only view into the memory-mapped shard)."""
@@ -97,8 +133,10 @@ class PackedDataset:
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads all data); UserError on a mismatch."""
         for s in self.manifest["shards"]:
-            if file_sha256(self.directory / s["file"]) != s["sha256"]:
-                raise UserError(f"shard {self.directory / s['file']} does not match its checksum — {REPREPARE}")
+            for part in (s, s["flags"]) if self.kind == "chat" else (s,):
+                if file_sha256(self.directory / part["file"]) != part["sha256"]:
+                    raise UserError(f"shard {self.directory / part['file']} does not match its checksum — "
+                                    f"{REPREPARE}")
 
 
 def validation_ids(n_sequences: int, val_fraction: float) -> np.ndarray:
@@ -185,19 +223,22 @@ class Loader:
         per_rank = self.batch_size // self.world_size
         return ids[self.rank * per_rank: (self.rank + 1) * per_rank]
 
-    def _tensors(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tensors(self, ids: np.ndarray) -> tuple[torch.Tensor, ...]:
+        if self.dataset.kind == "chat":
+            return tuple(torch.from_numpy(a) for a in row_tensors(*self.dataset.gather_rows(ids, self.seq_len)))
         tokens = self.dataset.gather(ids, self.seq_len)
         inputs, targets = np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) for this rank: int64 CPU tensors of shape (batch_size // world_size, seq_len)."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets) for this rank: int64 CPU tensors of shape (batch_size // world_size, seq_len); for a
+        chat dataset (inputs, targets, documents), targets IGNORE where not trained (zili.data.packing)."""
         ids = self._rank_slice(self.global_batch_ids(self.position))
         self.position += self.batch_size
         self.last_batch_ids = ids.tolist()
         return self._tensors(ids)
 
-    def val_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """The same `n_batches` validation batches every call (cycling over the validation ids); none if n_val is 0."""
         if self.n_val == 0:
             return

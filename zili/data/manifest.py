@@ -7,6 +7,9 @@
 
 `tokens` and `total_tokens` count tokens (not bytes); a shard file is `tokens * itemsize` bytes.
 `tokenizer` is the tokenizer directory, relative to the dataset directory.
+
+A chat dataset (conversations for fine-tuning, zili.data.packing) also has `"kind": "chat"` and, in each
+shard, `"flags": {"file": "flags-00000.bin", "sha256": hex}`: one byte per token. Without `kind`, "text".
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 DTYPES = ("uint16", "uint32")
 REQUIRED = ("format", "dtype", "vocab_size", "eos_id", "total_tokens", "documents", "shards", "tokenizer")
+KINDS = ("text", "chat")
 REPREPARE = "re-run `zili data prepare` to rebuild it"
 
 
@@ -58,13 +62,22 @@ def read_manifest(directory: str | Path) -> dict:
         raise UserError(f"{path} has dtype {manifest['dtype']!r}, expected one of {DTYPES} — {REPREPARE}")
     if sum(tokens for _, tokens, _ in shard_fields) != manifest["total_tokens"]:
         raise UserError(f"{path}: shard token counts do not add up to total_tokens — {REPREPARE}")
+    kind = manifest.setdefault("kind", "text")
+    if kind not in KINDS:
+        raise UserError(f"{path} has kind {kind!r}, expected one of {KINDS} — {REPREPARE}")
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for name, tokens, _ in shard_fields:
+    files = [(name, tokens * itemsize, tokens) for name, tokens, _ in shard_fields]
+    if kind == "chat":
+        try:
+            files += [(s["flags"]["file"], s["tokens"], s["tokens"]) for s in manifest["shards"]]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path} is a chat dataset without the flags of every shard ({e}) — {REPREPARE}") from None
+    for name, expected, tokens in files:
         shard = directory / name
         if not shard.is_file():
             raise UserError(f"shard {shard} is missing — {REPREPARE}")
         size = shard.stat().st_size
-        if size != tokens * itemsize:
+        if size != expected:
             raise UserError(f"shard {shard} is {size} bytes but the manifest says {tokens} tokens "
-                            f"({tokens * itemsize} bytes) — {REPREPARE}")
+                            f"({expected} bytes) — {REPREPARE}")
     return manifest

@@ -22,14 +22,14 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
     """loss = logsumexp(x) - x[target]; grad = softmax(x) - onehot, both a block of `rows` rows at a time."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int, rows: int):
+    def forward(ctx, logits, targets, ignore_index: int, rows: int, mean: bool):
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
         lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
         for i in range(0, logits.shape[0], rows):
             lse[i : i + rows] = torch.logsumexp(logits[i : i + rows].float(), dim=-1)
         picked = logits.gather(1, safe[:, None]).squeeze(1).float()
-        count = valid.sum()
+        count = valid.sum() if mean else torch.ones((), device=logits.device, dtype=torch.int64)
         loss = torch.where(valid, lse - picked, 0.0).sum() / count
         ctx.save_for_backward(logits, safe, valid, lse, count)
         ctx.rows = rows
@@ -45,11 +45,15 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
             probs = torch.exp(logits[i : i + rows].float() - lse[i : i + rows, None])
             probs.scatter_add_(1, safe[i : i + rows, None], torch.full_like(probs[:, :1], -1.0))
             grad[i : i + rows] = probs.mul_(weight[i : i + rows, None])
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of (N, V) logits against (N,) targets in fp32 (0-dim tensor, nats per token)."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of (N, V) logits against (N,) targets in fp32 (0-dim tensor): the mean over the counted
+    targets (nats per token; NaN when none counts), or with `reduction="sum"` their sum (nats; 0 when none)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     budget = CPU_BLOCK_ELEMENTS if logits.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
     rows = max(1, budget // logits.shape[-1])
-    return _BlockwiseCrossEntropy.apply(logits, targets, ignore_index, rows)
+    return _BlockwiseCrossEntropy.apply(logits, targets, ignore_index, rows, reduction == "mean")

@@ -20,17 +20,32 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from zili.compat import fused_step_unless
+from zili.data.packing import IGNORE
 from zili.models.loss import cross_entropy
 from zili.parallel.apply import ParallelModel
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 (nats per token) of (B, T, V) logits; targets equal to
-    `ignore_index` don't count. Vocabulary-sharded logits (tensor parallel) go through torch's loss-parallel
-    cross-entropy (call under `ParallelModel.loss_context()`)."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE,
+            reduction: str = "mean") -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 (nats per token) of (B, T, V) logits, or with `reduction="sum"` the
+    sum (nats); targets equal to `ignore_index` don't count. Vocabulary-sharded logits (tensor parallel) go
+    through torch's loss-parallel cross-entropy (call under `ParallelModel.loss_context()`)."""
     if isinstance(logits, DTensor):
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
-    return cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                               reduction=reduction)
+    return cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index, reduction)
+
+
+def trained_token_scale(model: ParallelModel, targets: torch.Tensor) -> torch.Tensor:
+    """What turns this rank's summed loss into its share of the mean over the trained targets of the global batch
+    (0-dim device tensor): data ranks / trained targets of all of them. Gradients are averaged over the data
+    ranks, so the mean gradient is that of the global token mean, however the trained tokens fall on ranks."""
+    count = (targets != IGNORE).sum().float()
+    ranks = 1
+    if model.data_group is not None:
+        dist.all_reduce(count, group=model.data_group)
+        ranks = dist.get_world_size(model.data_group)
+    return ranks / count.clamp(min=1)
 
 
 def detached_value(loss: torch.Tensor) -> torch.Tensor:
@@ -40,11 +55,13 @@ def detached_value(loss: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocast, train: bool,
-                mtp_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                mtp_weight: float = 0.0, documents=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     part = model.parts[0]
     inputs, targets, positions = model.sequence_part(inputs, targets)  # context parallel: this rank's chunks
     where = {} if positions is None else {"positions": positions}
     n_micro = inputs.shape[0] // micro_batch
+    # packed documents: the mean over the global batch's trained targets, whichever micro-batch holds them
+    scale = trained_token_scale(model, targets) if documents is not None else None
     total = torch.zeros((), device=inputs.device)
     mtp_total = torch.zeros((), device=inputs.device) if mtp_weight else None
     sync = getattr(part, "set_requires_gradient_sync", None)  # FSDP2: reduce gradients once, after the last
@@ -52,11 +69,16 @@ def _accumulate(model: ParallelModel, inputs, targets, micro_batch: int, autocas
         if sync is not None and train:
             sync(i == n_micro - 1)
         chunk = slice(i * micro_batch, (i + 1) * micro_batch)
+        if documents is not None:
+            where["documents"] = documents[chunk]
         with model.loss_context():
             with autocast():
                 out = part(inputs[chunk], mtp=True, **where) if mtp_weight else part(inputs[chunk], **where)
             logits, mtp_logits = out if mtp_weight else (out, None)
-            loss = lm_loss(logits, targets[chunk]) / n_micro
+            if scale is None:
+                loss = lm_loss(logits, targets[chunk]) / n_micro
+            else:
+                loss = lm_loss(logits, targets[chunk], reduction="sum") * scale
             objective = loss
             aux = [layer.aux_loss for layer in expert_layers(part) if layer.aux_loss is not None] if train else []
             if aux:  # the experts' sequence-wise balance losses, weighted already
@@ -87,16 +109,22 @@ def _pipeline(model: ParallelModel, inputs, targets, autocast, train: bool) -> t
 
 def forward_backward(model: ParallelModel, inputs: torch.Tensor, targets: torch.Tensor, *, micro_batch: int,
                      autocast: Callable[[], AbstractContextManager], train: bool = True,
-                     mtp_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     mtp_weight: float = 0.0, documents: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(The mean language-modelling loss over this rank's batch `inputs` (B, T), the mean multi-token-prediction
     loss or None) — with gradients of loss + `mtp_weight` x mtp loss accumulated when `train` (mtp_weight > 0
     needs a model with `mtp_depth` 1) — as 0-dim device tensors (no host sync). Pipelined models: the loss on
     ranks holding the last stage, 0 elsewhere; otherwise `micro_batch` sequences per forward/backward. Under
     context parallelism every rank of a cp group is given the same sequences and keeps its own chunks of them
-    (`ParallelModel.sequence_part`): the loss is then the mean over this rank's tokens."""
+    (`ParallelModel.sequence_part`): the loss is then the mean over this rank's tokens. With `documents` (B, T)
+    (packed conversations, zili.data.packing; not with pipeline or context parallelism) the model keeps the
+    documents apart and the loss is the mean over the trained targets (not IGNORE) of the global batch: this
+    rank's share of it, so that the data ranks' losses add up to it (their mean times the data ranks)."""
     if model.schedule is not None:
+        if documents is not None:
+            raise ValueError("packed documents cannot go through a pipeline schedule")
         return _pipeline(model, inputs, targets, autocast, train), None
-    return _accumulate(model, inputs, targets, micro_batch, autocast, train, mtp_weight)
+    return _accumulate(model, inputs, targets, micro_batch, autocast, train, mtp_weight, documents)
 
 
 def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
@@ -180,12 +208,13 @@ def balance_experts(model: ParallelModel, rate: float, skipped: torch.Tensor) ->
 
 def train_step(model: ParallelModel, optimizers: list[torch.optim.Optimizer], inputs: torch.Tensor,
                targets: torch.Tensor, *, micro_batch: int, autocast: Callable[[], AbstractContextManager],
-               grad_clip: float, bias_update_rate: float = 0.0, mtp_weight: float = 0.0) -> StepResult:
+               grad_clip: float, bias_update_rate: float = 0.0, mtp_weight: float = 0.0,
+               documents: torch.Tensor | None = None) -> StepResult:
     """One optimizer step on this rank's batch `inputs`/`targets` (B, T): forward/backward (see
     `forward_backward`), global-norm clipping to `grad_clip` (0 = off), then each part's optimizer steps —
     unless the loss or the gradient norm is not finite anywhere, in which case no parameter changes."""
     loss, mtp_loss = forward_backward(model, inputs, targets, micro_batch=micro_batch, autocast=autocast,
-                                      mtp_weight=mtp_weight)
+                                      mtp_weight=mtp_weight, documents=documents)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip, model.pp_group)
     skipped = nonfinite(loss, grad_norm)
     for optimizer in optimizers:

@@ -90,6 +90,7 @@ class Trainer:
             raise UserError(f"training.seq_len {t.seq_len} exceeds the model's max_seq_len {self.args.max_seq_len} — "
                             "lower it")
         check_layout(self.layout, self.args, t.batch_size, t.seq_len)
+        self._check_objective()
         if self.layout.cp > 1 and self.args.is_moe and cfg.moe.aux_loss_coef > 0:
             raise UserError("moe.aux_loss_coef > 0 with cp > 1: the sequence-wise balance loss needs each sequence "
                             "whole, and context parallelism splits it — set moe.aux_loss_coef=0 (the balancing bias "
@@ -122,6 +123,26 @@ class Trainer:
         self.skipped_steps = torch.zeros((), device=device)
         self.skip_streak = torch.zeros((), device=device)
         self.streak_limit_step = torch.zeros((), dtype=torch.int64, device=device)  # step the limit was hit, 0 = not
+
+    def _check_objective(self) -> None:
+        """The objective fits the dataset (conversations for sft, text for lm) and the layout and model can train
+        packed conversations (no pipeline or context parallelism, no multi-token prediction, yet)."""
+        t, kind = self.cfg.training, self.dataset.kind
+        if t.objective == "sft" and kind != "chat":
+            raise UserError(f"training.objective=sft needs a chat dataset, but {self.dataset.directory} holds plain "
+                            "text — prepare conversations with `zili data prepare --format chat ...`")
+        if t.objective == "lm" and kind == "chat":
+            raise UserError(f"{self.dataset.directory} holds conversations (a chat dataset) — set "
+                            "training.objective=sft to fine-tune on them")
+        if t.objective != "sft":
+            return
+        if self.layout.pp > 1 or self.layout.cp > 1:
+            raise UserError(f"training.objective=sft does not run with {'pp' if self.layout.pp > 1 else 'cp'} > 1 yet "
+                            "(packed conversations need each row whole on one rank) — use data, tensor and expert "
+                            "parallelism")
+        if self.args.mtp_depth:
+            raise UserError("training.objective=sft with multi-token prediction (model.mtp_depth=1) is not supported "
+                            "— set model.mtp_depth=0")
 
     def _hf_start(self, hf_dir: Path):
         """Architecture from HF_DIR's config.json; the weights source for `parallelize` (model.init=hf:DIR)."""
@@ -223,22 +244,25 @@ class Trainer:
         self.model.train(False)
         total = torch.zeros((), device=self.accel.device)
         count = 0
-        for inputs, targets in self.loader.val_batches(self.cfg.training.eval_batches):
-            inputs, targets = self.accel.to_device(inputs), self.accel.to_device(targets)
+        for batch in self.loader.val_batches(self.cfg.training.eval_batches):
+            inputs, targets, *documents = (self.accel.to_device(t) for t in batch)  # documents: chat datasets
             total += forward_backward(self.model, inputs, targets, micro_batch=inputs.shape[0],
-                                      autocast=self.autocast, train=False)[0]
+                                      autocast=self.autocast, train=False,
+                                      documents=documents[0] if documents else None)[0]
             count += 1
         self.model.train(True)
         return self._global_mean(total / count)
 
-    def train_step(self, inputs, targets) -> StepResult:
-        """One step of the ONE train step (zili.train.step), then the skip counters."""
+    def train_step(self, inputs, targets, documents=None) -> StepResult:
+        """One step of the ONE train step (zili.train.step), then the skip counters. `documents`: the document
+        ids of packed conversations (a chat dataset's batches)."""
         inputs, targets = self.accel.to_device(inputs), self.accel.to_device(targets)
+        documents = self.accel.to_device(documents) if documents is not None else None
         t = self.cfg.training
         result = train_step(self.model, self.optimizers, inputs, targets, autocast=self.autocast,
                             micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip,
                             bias_update_rate=self.cfg.moe.bias_update_rate,
-                            mtp_weight=t.mtp_loss_weight if self.args.mtp_depth else 0.0)
+                            mtp_weight=t.mtp_loss_weight if self.args.mtp_depth else 0.0, documents=documents)
         self.skipped_steps += result.skipped
         self.skip_streak = (self.skip_streak + 1) * result.skipped
         reached = (self.streak_limit_step == 0) & (self.skip_streak >= t.max_skipped_steps)
@@ -300,8 +324,7 @@ class Trainer:
                 lr = lr_at(self.step, t.steps, cfg.optimizer)
                 for optimizer in self.optimizers:
                     set_lr(optimizer, lr)
-                inputs, targets = self.loader.next_batch()
-                result = self.train_step(inputs, targets)
+                result = self.train_step(*self.loader.next_batch())
                 self.step += 1
                 timed_steps += 1
                 log.advance()
