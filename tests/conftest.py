@@ -85,9 +85,9 @@ def zili_cli(tmp_path, peak_flops):
     env = {**os.environ, "ZILI_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
 
-    def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    def run(*args: str, check: bool = False, input: str | None = None) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "zili", *map(str, args)], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=600)
+                              env=env, cwd=tmp_path, timeout=600, input=input)
         if check and proc.returncode != 0:
             raise AssertionError(f"zili {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
