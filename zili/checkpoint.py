@@ -271,6 +271,21 @@ def load_model(path: Path, model) -> None:
     set_model_state_dict(model, state["model"])
 
 
+class CheckpointWeights:
+    """A checkpoint's model weights as starting values (`zili.parallel.init.init_weights`' `initial_value`):
+    `weights(name, shape, offsets=None, sizes=None)` -> the fp32 region full[offsets : offsets + sizes] of tensor
+    `name` (all of it by default). Each call reads the whole tensor (DCP reads only its bytes) and slices it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __call__(self, name: str, shape, offsets=None, sizes=None) -> torch.Tensor:
+        full = read_model_tensor(self.path, name, tuple(shape))
+        if offsets is None or sizes is None:
+            return full
+        return full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].clone()
+
+
 def read_model_tensor(path: Path, name: str, shape) -> torch.Tensor:
     """Parameter `name` of checkpoint `path` as an fp32 tensor of `shape`, read alone (DCP reads only its
     bytes, whatever number of ranks wrote it) — for streaming conversions."""

@@ -62,7 +62,8 @@ class ModelConfig:
                                      "after next; 0 = off")
     init: str = _f("", "initial weights: '' = random from training.seed; 'hf:DIR' = a Hugging Face Llama, Qwen2, "
                        "Qwen3, Qwen3-MoE or DeepSeek-V3 checkpoint (its config.json sets the architecture — only "
-                       "mtp_depth may be added; prepare the data with its tokenizer)")
+                       "mtp_depth may be added; prepare the data with its tokenizer); 'run:DIR' = the newest "
+                       "checkpoint of a zili run (weights only: a fine-tuning starts at step 0; same tokenizer)")
 
 
 @dataclass
@@ -74,7 +75,8 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     objective: str = _f("lm", "'lm': next-token loss on every token (pretraining); 'sft': on the assistant tokens "
-                              "of a chat dataset, conversations packed apart (docs/post-training.md)", ("lm", "sft"))
+                              "of a chat dataset, conversations packed apart; 'grpo': reinforcement learning on "
+                              "the [rl] prompts and rewards (docs/post-training.md)", ("lm", "sft", "grpo"))
     steps: int = _f(400, "optimizer steps to train")
     seed: int = _f(1234, "seed for initialisation, data order and sampling")
     device: str = _f("auto", "'auto' or a torch device string (cpu, cuda, cuda:1, npu, xpu, mps ...)")
@@ -151,6 +153,32 @@ class MoEConfig:
                                    "used 0.0001); 0 = off")
 
 
+@dataclass
+class RLConfig:
+    prompts: str = _f("", "GRPO (training.objective=grpo): JSONL or Parquet file(s) of prompts, comma-separated: "
+                          "each record a `prompt` string or `messages`, plus the fields its reward reads (e.g. answer)")
+    eval_prompts: str = _f("", "held-out prompts for val_accuracy (greedy), same format; '' = none")
+    eval_limit: int = _f(200, "at most this many held-out prompts per validation")
+    reward: str = _f("exact_answer", "reward functions, comma-separated: built-ins exact_answer, format, or "
+                                     "module:function(prompt, completion, **fields) -> float; summed")
+    reward_weights: str = _f("", "weights of the rewards, comma-separated ('' = 1 each)")
+    accuracy: str = _f("exact_answer", "the reward whose value >= 0.5 counts as a correct answer (metric only)")
+    group_size: int = _f(8, "completions sampled per prompt (G)")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    top_p: float = _f(1.0, "nucleus sampling mass of the rollouts")
+    max_new_tokens: int = _f(64, "most tokens per completion")
+    updates_per_batch: int = _f(1, "optimizer steps on each batch of rollouts (PPO epochs; the ratio is 1 on the "
+                                   "first)")
+    clip_eps: float = _f(0.2, "PPO clip range below and above 1")
+    clip_eps_high: float = _f(0.0, "upper clip range if above clip_eps (DAPO's clip-higher); 0 = clip_eps")
+    kl_beta: float = _f(0.0, "weight of the KL penalty to the frozen starting model (k3 estimator); 0 = none")
+    scale_by_std: bool = _f(True, "divide advantages by their group's std (false: Dr. GRPO)")
+    aggregation: str = _f("token", "loss over the batch's completion tokens ('token', DAPO) or per sequence first "
+                                   "('sequence', GRPO)", ("token", "sequence"))
+    chat_template: bool = _f(True, "render a `prompt` string as a user turn with the tokenizer's chat template")
+    system: str = _f("", "system message put before each prompt rendered with the chat template")
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -160,6 +188,7 @@ SECTIONS = {
     "metrics": MetricsConfig,
     "parallelism": ParallelismConfig,
     "moe": MoEConfig,
+    "rl": RLConfig,
 }
 
 
@@ -173,6 +202,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_toml(self) -> str:
         """The config as TOML (keys left at None, i.e. "the preset's", are omitted)."""
@@ -328,10 +358,10 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.model, key)
         if value is not None and value <= 0:
             raise UserError(f"model.{key} must be positive, got {value}")
-    if cfg.model.init and not cfg.model.init.startswith("hf:"):
-        raise UserError(f"model.init {cfg.model.init!r} is not understood — use '' (random) or 'hf:DIR'")
+    if cfg.model.init and not cfg.model.init.startswith(("hf:", "run:")):
+        raise UserError(f"model.init {cfg.model.init!r} is not understood — use '' (random), 'hf:DIR' or 'run:DIR'")
     if cfg.model.init:
-        return  # the architecture comes from the Hugging Face config.json
+        return  # the architecture comes from the Hugging Face config.json or the run's checkpoint
     resolve(cfg.model, tokenizer_vocab=1)  # architecture checks now, before any data is read
 
 

@@ -74,10 +74,12 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
 
 @torch.no_grad()
 def sample_group(model: Transformer, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float, generator: torch.Generator, stop_ids: Iterable[int] = ()) -> list[list[int]]:
+                 top_p: float, generator: torch.Generator, stop_ids: Iterable[int] = (),
+                 early_stop: bool = True) -> list[list[int]]:
     """`n` completions of one prompt, drawn together (rows of one batch, one KV cache): each the new ids up to
     and including its first stop id, or `max_new_tokens` (or the model's max_seq_len) of them. Draws from
-    `generator` (CPU), so a generator seeded alike gives the same completions."""
+    `generator` (CPU), so a generator seeded alike gives the same completions. `early_stop=False` runs every
+    step even when all rows have stopped (a sharded model's ranks must run as many forwards as each other)."""
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64)
     budget = _budget(model, prompt_ids, max_new_tokens)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -96,7 +98,7 @@ def sample_group(model: Transformer, prompt_ids: list[int], n: int, max_new_toke
             stopped = torch.isin(chosen, stops) & ~done
             lengths[stopped] = step + 1
             done |= stopped
-            if bool(done.all()):
+            if early_stop and bool(done.all()):
                 break
             tokens = chosen[:, None].to(device)
     return [out[i, : int(lengths[i])].tolist() for i in range(n)]

@@ -181,6 +181,8 @@ class StepResult:
     skipped: torch.Tensor
     expert_load: torch.Tensor | None = None  # max over expert layers of busiest expert's tokens ÷ mean; None: dense
     mtp_loss: torch.Tensor | None = None  # the multi-token-prediction loss (nats/token); None without it
+    tokens: int | None = None  # tokens processed by all ranks, when not batch x seq_len (reinforcement learning)
+    metrics: dict[str, float] | None = None  # more figures for the step's metrics record (reinforcement learning)
 
 
 def expert_layers(part) -> list:

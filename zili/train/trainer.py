@@ -32,6 +32,7 @@ from zili.fsio import atomic_dir, atomic_write_text
 from zili.infer.generate import generate
 from zili.interop.hf import args_from_config, read_config
 from zili.interop.import_hf import HFWeights
+from zili.models.args import ModelArgs
 from zili.models.flops import flops_per_token
 from zili.models.presets import resolve
 from zili.models.transformer import Transformer
@@ -78,12 +79,21 @@ class Trainer:
         self.world_size = distributed.init(self.accel, host_collectives=cfg.parallelism.fsdp_cpu_offload)
         self.layout = resolve_layout(cfg, self.world_size)
         self.accel.tune_for_training()
-        self.dataset = PackedDataset(dataset_dir(cfg))
-        self.tokenizer = Tokenizer.load(self.dataset.tokenizer_dir)
+        if t.objective == "grpo":  # no token dataset: prompts (zili.train.rl) and the starting model's tokenizer
+            self.dataset, self.tokenizer, self.tokenizer_dir = None, None, None
+        else:
+            self.dataset = PackedDataset(dataset_dir(cfg))
+            self.tokenizer_dir = self.dataset.tokenizer_dir
+            self.tokenizer = Tokenizer.load(self.tokenizer_dir)
         self.hf = None  # {"family", "dtype"} when starting from Hugging Face weights
         initial_value = None
-        if cfg.model.init:
+        if cfg.model.init.startswith("hf:"):
             initial_value = self._hf_start(Path(cfg.model.init.removeprefix("hf:")))
+        elif cfg.model.init.startswith("run:"):
+            initial_value = self._run_start(Path(cfg.model.init.removeprefix("run:")))
+        elif t.objective == "grpo":
+            raise UserError("training.objective=grpo starts from a trained model — set model.init=run:DIR (e.g. after "
+                            "fine-tuning) or model.init=hf:DIR")
         else:
             self.args = resolve(cfg.model, self.tokenizer.vocab_size)
         if t.seq_len > self.args.max_seq_len:
@@ -98,8 +108,7 @@ class Trainer:
         self.mesh = build_mesh(self.layout, self.accel.type) if self.world_size > 1 else None
         self.local_batch = t.batch_size // self.layout.dp
         self.run_dir = Path(distributed.broadcast_text(str(make_run_dir(cfg)), self.accel.device))
-        self.loader = Loader(self.dataset, t.seq_len, t.batch_size, t.seed, cfg.data.val_fraction,
-                             rank=dp_rank(self.mesh) if self.mesh else 0, world_size=self.layout.dp)
+        self.loader = self._make_loader()
 
         # after every check, so that a mistake is the only line printed; the fallback warning from rank 0 only
         self.dtype = self.accel.compute_dtype(t.dtype, warn=distributed.is_main())
@@ -112,7 +121,7 @@ class Trainer:
             model = Transformer(self.args)
         self.model = parallelize(model, cfg, self.layout, self.mesh, self.accel.device, seed=t.seed,
                                  compute_dtype=self.dtype, initial_value=initial_value, loss_fn=lm_loss)
-        if initial_value is not None:
+        if isinstance(initial_value, HFWeights):  # known once read; a run started from one has it in its meta
             self.hf["dtype"] = str(initial_value.source_dtype).removeprefix("torch.")
         for layer in (layer for part in self.model.parts for layer in expert_layers(part)):
             layer.aux_loss_coef = cfg.moe.aux_loss_coef
@@ -124,44 +133,79 @@ class Trainer:
         self.skip_streak = torch.zeros((), device=device)
         self.streak_limit_step = torch.zeros((), dtype=torch.int64, device=device)  # step the limit was hit, 0 = not
 
+    def _make_loader(self):
+        """The batches of this rank (zili.data.loader.Loader; the GRPO trainer's prompts)."""
+        t = self.cfg.training
+        return Loader(self.dataset, t.seq_len, t.batch_size, t.seed, self.cfg.data.val_fraction,
+                      rank=dp_rank(self.mesh) if self.mesh else 0, world_size=self.layout.dp)
+
     def _check_objective(self) -> None:
-        """The objective fits the dataset (conversations for sft, text for lm) and the layout and model can train
-        packed conversations (no pipeline or context parallelism, no multi-token prediction, yet)."""
-        t, kind = self.cfg.training, self.dataset.kind
+        """The objective fits the dataset (conversations for sft, text for lm, none for grpo) and the layout and
+        model can train packed conversations or rollouts (no pipeline or context parallelism, no multi-token
+        prediction, yet)."""
+        t = self.cfg.training
+        kind = self.dataset.kind if self.dataset is not None else None
         if t.objective == "sft" and kind != "chat":
             raise UserError(f"training.objective=sft needs a chat dataset, but {self.dataset.directory} holds plain "
                             "text — prepare conversations with `zili data prepare --format chat ...`")
         if t.objective == "lm" and kind == "chat":
             raise UserError(f"{self.dataset.directory} holds conversations (a chat dataset) — set "
                             "training.objective=sft to fine-tune on them")
-        if t.objective != "sft":
+        if t.objective == "lm":
             return
         if self.layout.pp > 1 or self.layout.cp > 1:
-            raise UserError(f"training.objective=sft does not run with {'pp' if self.layout.pp > 1 else 'cp'} > 1 yet "
-                            "(packed conversations need each row whole on one rank) — use data, tensor and expert "
-                            "parallelism")
+            raise UserError(f"training.objective={t.objective} does not run with "
+                            f"{'pp' if self.layout.pp > 1 else 'cp'} > 1 yet (each sequence must be whole on one rank) "
+                            "— use data, tensor and expert parallelism")
         if self.args.mtp_depth:
-            raise UserError("training.objective=sft with multi-token prediction (model.mtp_depth=1) is not supported "
-                            "— set model.mtp_depth=0")
+            raise UserError(f"training.objective={t.objective} with multi-token prediction (model.mtp_depth=1) is not "
+                            "supported — set model.mtp_depth=0")
 
-    def _hf_start(self, hf_dir: Path):
-        """Architecture from HF_DIR's config.json; the weights source for `parallelize` (model.init=hf:DIR)."""
+    def _run_start(self, run_dir: Path) -> checkpoint.CheckpointWeights:
+        """Architecture and weights from a zili run's newest checkpoint (model.init=run:DIR); its tokenizer must be
+        the dataset's. Its Hugging Face origin, if any, carries over (export writes the same family)."""
+        self._no_overrides()
+        if not run_dir.is_dir():
+            raise UserError(f"model.init=run:{run_dir}: no such run directory — pass the directory `zili train` or "
+                            "`zili import-hf` wrote")
+        path = checkpoint.resolve(run_dir)
+        meta = checkpoint.read_meta(path)
+        self.args = ModelArgs(**meta["model"])
+        if self.cfg.model.mtp_depth is not None:
+            self.args.mtp_depth = self.cfg.model.mtp_depth
+        self._check_tokenizer(run_dir / "tokenizer", run_dir)
+        if meta.get("hf"):
+            self.hf = dict(meta["hf"])
+        return checkpoint.CheckpointWeights(path)
+
+    def _no_overrides(self) -> None:
         overrides = [k for k, v in vars(self.cfg.model).items()
                      if k not in ("preset", "init", "mtp_depth") and v is not None]
         if overrides:
             raise UserError(f"model.{overrides[0]} cannot be combined with model.init={self.cfg.model.init!r} — the "
-                            "architecture comes from its config.json; drop the override")
+                            "architecture comes from the checkpoint; drop the override")
+
+    def _check_tokenizer(self, theirs_dir: Path, source: Path) -> None:
+        """UserError unless the dataset was prepared with the tokenizer in `theirs_dir` (that of `source`); without a
+        dataset (grpo) that tokenizer is the run's."""
+        if self.dataset is None:
+            self.tokenizer_dir, self.tokenizer = theirs_dir, Tokenizer.load(theirs_dir)
+        theirs, ours = theirs_dir / "tokenizer.json", self.tokenizer_dir / "tokenizer.json"
+        if (not theirs.is_file()
+                or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model")):
+            raise UserError(f"the dataset {self.dataset.directory} was not tokenized with {source}'s tokenizer — "
+                            f"prepare it with `zili data prepare --tokenizer {theirs_dir} ...`")
+        if self.tokenizer.vocab_size > self.args.vocab_size:
+            raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {source} only "
+                            f"{self.args.vocab_size} embeddings — the checkpoint and its tokenizer do not match")
+
+    def _hf_start(self, hf_dir: Path):
+        """Architecture from HF_DIR's config.json; the weights source for `parallelize` (model.init=hf:DIR)."""
+        self._no_overrides()
         self.args, family = args_from_config(read_config(hf_dir))
         self.args.mtp_depth = self.cfg.model.mtp_depth or 0  # the checkpoint's MTP layer, when asked for
         self.args.validate()
-        theirs, ours = hf_dir / "tokenizer.json", self.dataset.tokenizer_dir / "tokenizer.json"
-        if (not theirs.is_file()
-                or json.loads(theirs.read_text()).get("model") != json.loads(ours.read_text()).get("model")):
-            raise UserError(f"the dataset {self.dataset.directory} was not tokenized with {hf_dir}'s tokenizer — "
-                            f"prepare it with `zili data prepare --tokenizer {hf_dir} ...`")
-        if self.tokenizer.vocab_size > self.args.vocab_size:
-            raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {hf_dir} only "
-                            f"{self.args.vocab_size} embeddings — the checkpoint and its tokenizer do not match")
+        self._check_tokenizer(hf_dir, hf_dir)
         self.hf = {"family": family, "source": str(hf_dir.resolve())}
         with torch.device("meta"):
             return HFWeights(hf_dir, Transformer(self.args))
@@ -253,6 +297,14 @@ class Trainer:
         self.model.train(True)
         return self._global_mean(total / count)
 
+    def validation(self) -> dict[str, float | None]:
+        """The validation figures of a logged step: {"val_loss": nats/token}."""
+        return {"val_loss": self.validate()}
+
+    def step_once(self) -> StepResult:
+        """One optimizer step on the loader's next batch."""
+        return self.train_step(*self.loader.next_batch())
+
     def train_step(self, inputs, targets, documents=None) -> StepResult:
         """One step of the ONE train step (zili.train.step), then the skip counters. `documents`: the document
         ids of packed conversations (a chat dataset's batches)."""
@@ -263,11 +315,15 @@ class Trainer:
                             micro_batch=t.micro_batch_size or self.local_batch, grad_clip=t.grad_clip,
                             bias_update_rate=self.cfg.moe.bias_update_rate,
                             mtp_weight=t.mtp_loss_weight if self.args.mtp_depth else 0.0, documents=documents)
+        self.count_skips(result)
+        return result
+
+    def count_skips(self, result: StepResult) -> None:
+        """Add a step to the non-finite-step counters (on the device: no host sync)."""
         self.skipped_steps += result.skipped
         self.skip_streak = (self.skip_streak + 1) * result.skipped
-        reached = (self.streak_limit_step == 0) & (self.skip_streak >= t.max_skipped_steps)
+        reached = (self.streak_limit_step == 0) & (self.skip_streak >= self.cfg.training.max_skipped_steps)
         self.streak_limit_step = torch.where(reached, self.step + 1, self.streak_limit_step)
-        return result
 
     def check_skips(self) -> None:
         """UserError once `training.max_skipped_steps` consecutive steps were non-finite (host sync)."""
@@ -294,7 +350,7 @@ class Trainer:
             tok_dir = self.run_dir / "tokenizer"
             if not tok_dir.exists():
                 with atomic_dir(tok_dir) as tmp:
-                    shutil.copytree(self.dataset.tokenizer_dir, tmp, dirs_exist_ok=True)
+                    shutil.copytree(self.tokenizer_dir, tmp, dirs_exist_ok=True)
         distributed.barrier()
         # every rank writes its checkpoint shards under run_dir: it must be one directory for all of them
         missing = torch.tensor(0.0 if (self.run_dir / "config.toml").is_file() else 1.0)
@@ -316,30 +372,31 @@ class Trainer:
 
         if self.step == 0 and t.eval_every and self.loader.n_val:
             log.write({"step": 0, "loss": None, "lr": None, "grad_norm": None, "tokens_per_s": None,
-                       "mfu": None, "peak_mem_gb": None, "skipped_steps": None, "val_loss": self.validate()})
+                       "mfu": None, "peak_mem_gb": None, "skipped_steps": None, **self.validation()})
         try:
             started_at = self.step
-            timed_steps, timer, overhead = 0, time.perf_counter(), 0.0  # tokens/s excludes eval and checkpoints
+            timed_tokens, timer, overhead = 0, time.perf_counter(), 0.0  # tokens/s excludes eval and checkpoints
             while self.step < t.steps:
                 lr = lr_at(self.step, t.steps, cfg.optimizer)
                 for optimizer in self.optimizers:
                     set_lr(optimizer, lr)
-                result = self.train_step(*self.loader.next_batch())
+                result = self.step_once()
                 self.step += 1
-                timed_steps += 1
+                timed_tokens += tokens_per_step if result.tokens is None else result.tokens
                 log.advance()
                 last = self.step == t.steps
                 stopping = bool(t.exit_after) and self.step - started_at >= t.exit_after and not last
                 if self.step % cfg.metrics.log_every == 0 or last or stopping:
                     loss_value = self._global_mean(result.loss)  # the one host sync per logged step
-                    tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - overhead)
+                    tokens_per_s = timed_tokens / (time.perf_counter() - timer - overhead)
                     peak_mem = float(distributed.all_reduce(torch.tensor(self.accel.peak_memory_gb()), op="max"))
                     record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(result.grad_norm),
                               "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak, "peak_mem_gb": peak_mem,
                               "skipped_steps": int(self.skipped_steps)}
-                    timed_steps, timer, overhead = 0, time.perf_counter(), 0.0
+                    timed_tokens, timer, overhead = 0, time.perf_counter(), 0.0
+                    record.update({k: float(v) for k, v in (result.metrics or {}).items()})
                     if t.eval_every and (self.step % t.eval_every == 0 or last) and self.loader.n_val:
-                        record["val_loss"] = self.validate()
+                        record.update(self.validation())
                     if self.args.is_moe:  # this step's, busiest expert ÷ mean, worst layer of every stage
                         here = result.expert_load if result.expert_load is not None else torch.zeros(())
                         record["expert_load"] = float(distributed.all_reduce(here, op="max"))
@@ -375,19 +432,3 @@ class Trainer:
         model.train()
         return self.tokenizer.decode(prompt + new)
 
-
-def train(cfg: Config) -> Path:
-    """Train as configured; print a sample at the end (single process); return the run directory."""
-    try:
-        trainer = Trainer(cfg)
-        run_dir = trainer.run()
-        if distributed.is_main():
-            print(f"run directory: {run_dir}")
-            if cfg.training.sample_tokens and trainer.step == cfg.training.steps:
-                if trainer.world_size == 1:
-                    print("sample:\n" + trainer.sample())
-                else:
-                    print(f"sample: run `zili generate {run_dir}` (not generated inside a distributed run)")
-        return run_dir
-    finally:
-        distributed.shutdown()
