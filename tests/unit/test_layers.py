@@ -22,7 +22,7 @@ LAYERS = [
     ["zili.checkpoint"],
     ["zili.interop"],
     ["zili.infer"],
-    ["zili.train"],
+    ["zili.train", "zili.eval"],
     ["zili.bench", "zili.plan"],
     ["zili.cli"],
     ["zili.__main__"],

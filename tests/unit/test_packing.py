@@ -61,7 +61,8 @@ def write_chat_dataset(directory, conversations: list[tuple[list[int], int]], vo
                 "total_tokens": int(tokens.size), "documents": len(conversations), "tokenizer": "tokenizer",
                 "shards": [{"file": "shard-00000.bin", "tokens": int(tokens.size),
                             "sha256": file_sha256(directory / "shard-00000.bin"),
-                            "flags": {"file": "flags-00000.bin", "sha256": file_sha256(directory / "flags-00000.bin")}}]}
+                            "flags": {"file": "flags-00000.bin",
+                                      "sha256": file_sha256(directory / "flags-00000.bin")}}]}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
 
