@@ -16,6 +16,8 @@ DESCRIPTION = """zili: train large language models on any accelerator.
 
   zili train [--config F] [--section.key=value ...]   train (no arguments: the CPU demo)
   zili generate RUN_DIR --prompt TEXT                  sample from a trained run
+  zili chat RUN_DIR|HF_DIR [--system TEXT]             talk to a model through its chat template
+  zili eval RUN_DIR|HF_DIR --data DIR|FILE | --tasks T1,T2   loss, perplexity, bits/byte; lm-eval tasks
   zili data prepare --input PATHS --tokenizer DIR --output DIR
   zili data train-tokenizer --input PATHS --vocab-size N --output DIR
   zili bench [--workload NAME] [--steps N] [--json PATH]   measure a standard workload on this device
@@ -34,7 +36,7 @@ Distributed: torchrun --nproc-per-node N -m zili train ...
 
 def _train(argv: list[str]) -> None:
     from zili.config import describe, load_config, parse_overrides
-    from zili.train.trainer import train
+    from zili.train.launch import train
 
     parser = argparse.ArgumentParser(
         prog="zili train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,14 +68,114 @@ def _generate(argv: list[str]) -> None:
                         args.step, args.device))
 
 
+def _chat(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zili chat", description="Talk to a model (a run directory or a Hugging Face model directory) through "
+        "its tokenizer's chat template. On a terminal: type a message, Ctrl-C ends a reply, Ctrl-D ends the chat. "
+        "From a pipe or file: one user turn per line, one answer printed per turn.")
+    parser.add_argument("model", help="run directory (checkpoints/, tokenizer/) or Hugging Face model directory")
+    parser.add_argument("--system", default=None, help="system message at the start of the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy and deterministic (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (default 0)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: newest)")
+    parser.add_argument("--device", default="auto", help="device (default auto)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --max-new-tokens > 0, --temperature >= 0 and 0 < --top-p <= 1")
+    from zili.infer.chat import Sampling, chat
+
+    chat(args.model, Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed), args.system,
+         args.step, args.device)
+
+
+def _eval(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zili eval", description="Evaluate a model (a run directory or a Hugging Face model directory). "
+        "--data: loss (nats/token), perplexity and bits per byte on a prepared dataset's validation split or on a "
+        "text file. --tasks: lm-evaluation-harness tasks through lm-eval's own evaluator (pip install "
+        "'zili[eval]'); prints lm-eval's table.")
+    parser.add_argument("model", help="run directory (checkpoints/, tokenizer/) or Hugging Face model directory")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="a directory `zili data prepare` wrote (its validation split), or a UTF-8 "
+                      "text file")
+    what.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    parser.add_argument("--seq-len", type=int, default=None, help="--data: tokens per sequence (default: the run's "
+                        "training.seq_len; for a Hugging Face model its max_seq_len, at most 2048)")
+    parser.add_argument("--max-batches", type=int, default=None, help="--data: stop after N batches (default: all)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="--data DIR: the held-out share, as "
+                        "data.val_fraction (default: the run's, else 0.01)")
+    parser.add_argument("--include-path", default=None, help="--tasks: a directory of lm-eval task YAML files")
+    parser.add_argument("--limit", type=float, default=None, help="--tasks: documents per task (below 1: a fraction)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each "
+                        "task's own)")
+    parser.add_argument("--apply-chat-template", action="store_true", help="--tasks: render prompts with the "
+                        "model's chat template")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this file (--tasks: "
+                        "lm-eval's results dictionary, as lm-eval writes it)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: newest)")
+    parser.add_argument("--device", default="auto", help="device (default auto)")
+    args = parser.parse_args(argv)
+    data_only = {"--seq-len": args.seq_len, "--max-batches": args.max_batches, "--val-fraction": args.val_fraction}
+    tasks_only = {"--include-path": args.include_path, "--limit": args.limit, "--num-fewshot": args.num_fewshot,
+                  "--apply-chat-template": args.apply_chat_template or None}
+    wrong = [flag for flag, value in (tasks_only if args.data else data_only).items() if value is not None]
+    if wrong:
+        one = len(wrong) == 1
+        raise UserError(f"{', '.join(wrong)} go{'es' if one else ''} with {'--tasks' if args.data else '--data'}, not "
+                        f"{'--data' if args.data else '--tasks'} — leave {'it' if one else 'them'} out")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.json_path and not Path(args.json_path).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json_path}: its directory does not exist — create it first")
+    from zili.fsio import atomic_write_text
+
+    if args.data:
+        from zili.eval.perplexity import evaluate_data
+
+        result = evaluate_data(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                               max_batches=args.max_batches, val_fraction=args.val_fraction, step=args.step,
+                               device=args.device)
+        print(result.table())
+        if args.json_path:
+            atomic_write_text(Path(args.json_path), result.to_json())
+        return
+    from zili.eval.tasks import results_json, run_tasks, table
+
+    if (args.limit is not None and args.limit <= 0) or (args.num_fewshot is not None and args.num_fewshot < 0):
+        raise UserError("--limit must be positive and --num-fewshot at least 0")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    results = run_tasks(args.model, tasks, include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot,
+                        batch_size=args.batch_size, device=args.device, step=args.step,
+                        apply_chat_template=args.apply_chat_template)
+    print(f"zili ({args.model}), limit: {limit}, num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}")
+    print(table(results))
+    if args.json_path:
+        atomic_write_text(Path(args.json_path), results_json(results))
+
+
 def _data(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="zili data", description="Prepare training data.")
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text/JSONL files into token shards plus a manifest")
-    prep.add_argument("--input", nargs="+", required=True, help="files or directories (.jsonl: one document per line)")
+    prep = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet files into token shards plus a manifest",
+                          description="Tokenize files into token shards plus a manifest. Inputs by name: .jsonl "
+                                      "(one document per line), .parquet (one per row), any other file one "
+                                      "document; .gz and .zst files are decompressed (.jsonl.gz, .txt.zst, ...); "
+                                      "directories are read recursively in sorted order. Parquet and zstd need "
+                                      "pip install 'zili[data]'. A progress bar goes to stderr when it is a "
+                                      "terminal.")
+    prep.add_argument("--input", nargs="+", required=True,
+                      help="files or directories (.jsonl[.gz|.zst]: one document per line; .parquet: one per row)")
     prep.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
     prep.add_argument("--output", required=True, help="new directory for shards and manifest.json")
-    prep.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    prep.add_argument("--text-key", default="text",
+                      help="JSONL field or Parquet column holding the text (default 'text')")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="tokenizing processes (default: the CPU cores, at most 32; 1: this process only); "
+                           "the output is the same for any number")
     tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     tok.add_argument("--input", nargs="+", required=True, help="files or directories")
     tok.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
@@ -81,9 +183,11 @@ def _data(argv: list[str]) -> None:
     tok.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        from zili.data.prepare import prepare
+        from zili.data.prepare import default_workers, prepare
 
-        manifest = prepare(args.input, args.tokenizer, args.output, text_key=args.text_key)
+        workers = default_workers() if args.workers is None else args.workers
+        manifest = prepare(args.input, args.tokenizer, args.output, text_key=args.text_key, workers=workers,
+                           progress=True)
         print(f"wrote {manifest['total_tokens']} tokens in {len(manifest['shards'])} shard(s) to {args.output}")
     else:
         from zili.data.documents import find_files, read_documents
@@ -260,8 +364,9 @@ def _plan(argv: list[str]) -> None:
     print(to_json(plan) if args.json else table(plan))
 
 
-COMMANDS = {"plan": _plan, "bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "data": _data,
-            "import-hf": _import_hf, "export-hf": _export_hf}
+COMMANDS = {"plan": _plan, "bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "chat": _chat,
+            "data": _data, "eval": _eval, "import-hf": _import_hf,
+            "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> None:
