@@ -174,26 +174,40 @@ def _data(argv: list[str]) -> None:
     prep.add_argument("--text-key", default="text",
                       help="JSONL field or Parquet column holding the text (default 'text')")
     prep.add_argument("--workers", type=int, default=None,
-                      help="tokenizing processes (default: the CPU cores, at most 32; 1: this process only); "
-                           "the output is the same for any number")
+                      help="tokenizing processes (default: one per CPU core from 4 cores, at most 32; below 4 "
+                           "cores, 1: this process only); the output is the same for any number")
+    prep.add_argument("--format", choices=("text", "chat"), default="text",
+                      help="text (default): documents for pretraining; chat: conversations {\"messages\": [...]} "
+                           "rendered with the tokenizer's chat template, the loss on the assistant tokens "
+                           "(for training.objective=sft; docs/post-training.md)")
     tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     tok.add_argument("--input", nargs="+", required=True, help="files or directories")
     tok.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     tok.add_argument("--output", required=True, help="directory to write tokenizer.json into")
-    tok.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    tok.add_argument("--text-key", default="text",
+                     help="JSONL field or Parquet column holding the text (default 'text')")
+    tok.add_argument("--chat-tokens", action="store_true",
+                     help="add the chat markers <|im_start|> and <|im_end|> as single tokens (for chat data)")
+    tok.add_argument("--split-digits", action="store_true",
+                     help="split numbers into single digits before BPE (as Qwen2 does; helps arithmetic)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from zili.data.prepare import default_workers, prepare
 
         workers = default_workers() if args.workers is None else args.workers
         manifest = prepare(args.input, args.tokenizer, args.output, text_key=args.text_key, workers=workers,
-                           progress=True)
-        print(f"wrote {manifest['total_tokens']} tokens in {len(manifest['shards'])} shard(s) to {args.output}")
+                           progress=True, format=args.format)
+        trained = f", {manifest['trained_tokens']} of them trained on" if args.format == "chat" else ""
+        print(f"wrote {manifest['total_tokens']} tokens{trained} in {len(manifest['shards'])} shard(s) to "
+              f"{args.output}")
     else:
+        from zili.data.chat import CHAT_TOKENS
         from zili.data.documents import find_files, read_documents
         from zili.data.tokenizer import train_bpe
 
-        tokenizer = train_bpe(read_documents(find_files(args.input), args.text_key), args.vocab_size)
+        tokenizer = train_bpe(read_documents(find_files(args.input), args.text_key), args.vocab_size,
+                              special_tokens=CHAT_TOKENS if args.chat_tokens else (),
+                              individual_digits=args.split_digits)
         tokenizer.save(args.output)
         print(f"wrote a {tokenizer.vocab_size}-token tokenizer to {args.output}")
 

@@ -30,8 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from zili.data.chat import load_chat_template
+from zili.data.chat_dataset import write_chat_into
 from zili.data.documents import find_files, read_documents
 from zili.data.manifest import FORMAT, write_manifest
+from zili.data.readers import file_kind, read_records
 from zili.data.shards import ShardWriter, dtype_name, token_dtype
 from zili.data.tokenizer import Tokenizer
 from zili.data.workers import WorkerPool, tokenize
@@ -42,32 +45,52 @@ POOL_BATCH_CHARS = 1 << 20  # characters per batch sent to a worker: small, as 2
 BATCH_DOCS = 4096  # documents per batch at most
 LOOKAHEAD_BATCHES = 8  # with workers > 1, a corpus of at most this many batches (~8 MB) is tokenized here
 MAX_DEFAULT_WORKERS = 32  # beyond this one reading process rather than tokenizing is the bottleneck
+MIN_POOL_CORES = 4  # below this many cores the default is to tokenize in this process
 TOKENIZER_SUBDIR = "tokenizer"
+FORMATS = ("text", "chat")
 
 
 def default_workers() -> int:
-    """The CPU cores this process may use, at most MAX_DEFAULT_WORKERS."""
+    """The CPU cores this process may use, at most MAX_DEFAULT_WORKERS — or 1 below MIN_POOL_CORES, where the
+    encoder's own Rust threads already use every core and worker processes measured no faster
+    (BENCHMARKS.md, "Data preparation throughput")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+    return 1 if cores < MIN_POOL_CORES else min(cores, MAX_DEFAULT_WORKERS)
 
 
 def prepare(inputs: list[str | Path], tokenizer_dir: str | Path, output: str | Path, text_key: str = "text",
-            shard_tokens: int = 2**27, workers: int = 1, progress: bool = False) -> dict:
+            shard_tokens: int = 2**27, workers: int = 1, progress: bool = False, format: str = "text") -> dict:
     """Tokenize the files/directories `inputs` with the tokenizer in `tokenizer_dir` into `output`.
 
     `text_key` is the jsonl field or Parquet column holding the text; see `write_dataset` for `workers` and
-    `progress`. Returns the manifest. UserError for: a missing input, an unreadable (undecodable, corrupt,
-    truncated) file, a bad jsonl line or Parquet row, a missing optional package, a corpus with no tokens, an
-    `output` that exists and is not empty.
+    `progress`. `format="chat"`: the records are conversations, written as a chat dataset for fine-tuning
+    (zili.data.chat_dataset; `text_key`, `workers` and `progress` do not apply). Returns the manifest.
+    UserError for: a missing input, an unreadable (undecodable, corrupt, truncated) file, a bad jsonl line or
+    Parquet row, a missing optional package, a corpus with no tokens, an `output` that exists and is not empty.
     """
     output = Path(output)
     _check_output(output)
     if shard_tokens < 2:
         raise UserError(f"shard_tokens must be at least 2, got {shard_tokens} — use a larger value")
+    if format not in FORMATS:
+        raise UserError(f"format {format!r} is not one of {', '.join(FORMATS)} — use text or chat")
     files = find_files(inputs)
     tokenizer = Tokenizer.load(tokenizer_dir)
     source = ", ".join(str(p) for p in inputs) or "(no inputs)"
+    if format == "chat":
+        template = load_chat_template(tokenizer_dir)
+        return _build(output, lambda tmp: write_chat_into(tmp, _conversations(files), tokenizer, template,
+                                                          shard_tokens), source)
     return write_dataset(read_documents(files, text_key), tokenizer, output, shard_tokens, source, workers, progress)
+
+
+def _conversations(files: list[Path]) -> Iterator[tuple[str, object]]:
+    """(where, record) of every conversation in `files` (JSONL lines, or the `messages` column of Parquet)."""
+    for path in files:
+        if file_kind(path)[0] == "text":
+            raise UserError(f"{path} is plain text, but a chat dataset reads conversations — give JSONL or Parquet "
+                            "files of {\"messages\": [...]} records")
+        yield from read_records(path, ("messages",))
 
 
 def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, output: str | Path,
@@ -81,13 +104,19 @@ def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, output: str | 
     """
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers} — use 1 to tokenize in this process")
-    output = Path(output)
+    return _build(Path(output), lambda tmp: _write_into(tmp, documents, tokenizer, shard_tokens, workers, progress),
+                  source)
+
+
+def _build(output: Path, fill, source: str) -> dict:
+    """`fill(tmp)` writes the dataset into a temporary directory next to `output` and returns its manifest,
+    written here; then the directory is renamed to `output`. Nothing is left behind on an error."""
     _check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        manifest = _write_into(tmp, documents, tokenizer, shard_tokens, workers, progress)
+        manifest = fill(tmp)
         if manifest["total_tokens"] == 0:
             raise UserError(f"the corpus {source} is empty (no text in {manifest['documents']} documents) "
                             f"— give files or jsonl lines that contain text")

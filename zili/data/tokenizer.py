@@ -121,20 +121,27 @@ class Tokenizer:
         return self._hf
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (),
+              individual_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenizer, `<|endoftext|>` as id 0) on `texts`.
 
-    `vocab_size` counts the 256 byte symbols, the merges and the special token; the result can be smaller
-    when the texts do not support that many merges.
+    `vocab_size` counts the 256 byte symbols, the merges and the special tokens; the result can be smaller
+    when the texts do not support that many merges. `special_tokens` come after `<|endoftext|>` (ids 1, 2, ...;
+    e.g. the chat markers `<|im_start|>`, `<|im_end|>` of zili.data.chat, each then one id).
+    `individual_digits` splits numbers into single digits before BPE (as Qwen2's tokenizer does), so no token
+    spans two digits — arithmetic sees every digit on its own.
     """
-    if vocab_size < MIN_VOCAB:
-        raise UserError(f"vocab_size {vocab_size} is too small for byte-level BPE — use at least {MIN_VOCAB}")
+    if vocab_size < MIN_VOCAB + len(special_tokens):
+        raise UserError(f"vocab_size {vocab_size} is too small for byte-level BPE — use at least "
+                        f"{MIN_VOCAB + len(special_tokens)}")
     hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if individual_digits else byte_level)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS, *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
