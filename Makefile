@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow test-compat bench clean
+.PHONY: setup demo reasoning-demo test test-slow test-compat bench clean
 
 setup: $(VENV)/.ready
 
@@ -20,6 +20,10 @@ $(VENV)/.ready: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/zili train
+
+# Task, fine-tuning, then GRPO, on the CPU (docs/post-training.md); prints the held-out accuracies as JSON
+reasoning-demo: setup
+	$(PY) benchmarks/reasoning_demo.py
 
 test: setup
 	$(VENV)/bin/ruff check .

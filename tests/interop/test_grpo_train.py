@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.interop.conftest import transformers  # noqa: F401  (skips without transformers)
 from zili.config import load_config
+from zili.infer.run import load_run
 from zili.train.rl import PromptOrder, RLTrainer, rollout_seed
 
 REWARD = '''
@@ -29,8 +30,8 @@ METRICS = {"reward_mean", "reward_std", "accuracy", "completion_len", "clip_frac
 
 def grpo_args(hf_dir, prompts, run_dir, steps, *extra):
     return ["train", "--training.objective=grpo", f"--model.init=hf:{hf_dir}", f"--rl.prompts={prompts}",
-            f"--rl.eval_prompts={prompts}", "--rl.eval_limit=4", "--rl.reward=rewards_mod:reward",
-            "--rl.group_size=4", "--rl.max_new_tokens=6", "--rl.kl_beta=0.05", "--rl.updates_per_batch=2",
+            f"--rl.eval_prompts={prompts}", "--rl.eval_limit=2", "--rl.reward=rewards_mod:reward",
+            "--rl.group_size=4", "--rl.max_new_tokens=5", "--rl.kl_beta=0.05", "--rl.updates_per_batch=2",
             "--training.batch_size=2", f"--training.steps={steps}", "--training.seq_len=64", "--training.dtype=fp32",
             "--metrics.log_every=1", "--training.eval_every=2", "--checkpoint.every=2", "--metrics.progress=false",
             "--training.sample_tokens=0", "--optimizer.lr=1e-3", "--optimizer.warmup_steps=0",
@@ -68,12 +69,10 @@ def test_grpo_trains_logs_its_metrics_and_resumes_exactly(hf_models, prompts, tm
     drop = ("tokens_per_s", "mfu", "peak_mem_gb")
     assert [{k: v for k, v in r.items() if k not in drop} for r in records(parts)] == \
            [{k: v for k, v in r.items() if k not in drop} for r in logged]
-    a, b = (zili_cli("export-hf", d, tmp_path / f"out-{d.name}") for d in (whole, parts))
-    assert a.returncode == b.returncode == 0
-    wa, wb = (load_file(tmp_path / f"out-{d.name}" / "model.safetensors") for d in (whole, parts))
+    wa, wb = (load_run(d, device="cpu")[0].state_dict() for d in (whole, parts))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     start = load_file(hf / "model.safetensors")
-    assert not torch.equal(wa["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    assert not torch.equal(wa["embed.weight"], start["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("reward, fragment", [
