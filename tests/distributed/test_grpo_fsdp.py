@@ -33,6 +33,7 @@ def start(tmp_path):
     return hf, prompts
 
 
+@pytest.mark.slow  # ~41 s; the single-process GRPO resume (tests/interop/test_grpo_train.py) is in the default run
 def test_grpo_on_two_fsdp_ranks_matches_one_process_and_resumes_exactly(start, tmp_path, zili_ranks, zili_cli):
     hf, prompts = start
     one, whole, parts = tmp_path / "one", tmp_path / "whole", tmp_path / "parts"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -21,6 +22,7 @@ def records(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow  # ~24 s; expert-parallel resume (tests/distributed/test_expert_parallel.py) stays in the default run
 def test_moe_model_trains_balances_and_resumes_exactly(zili_cli, tiny_dataset, tmp_path):
     common = [*MOE, f"--data.dataset={tiny_dataset}", "--training.steps=12", "--checkpoint.every=6"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"

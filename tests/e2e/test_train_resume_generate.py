@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import TINY_MODEL
 from zili.config import load_config
 
@@ -46,6 +48,7 @@ def test_metrics_records_have_the_contract_keys(zili_cli, tiny_dataset, tmp_path
     assert (run / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow  # ~19 s; greedy determinism is also checked in-process (tests/unit/test_sampling.py)
 def test_generate_greedy_is_deterministic(zili_cli, tiny_dataset, tmp_path):
     run = tmp_path / "run"
     zili_cli("train", *TINY_MODEL, f"--data.dataset={tiny_dataset}", "--training.steps=12",

@@ -100,3 +100,23 @@ def test_prompt_order_and_rollout_seeds_do_not_depend_on_the_world_size():
     for _ in range(4):  # across an epoch boundary
         assert one.next_indices() == two[0].next_indices() + two[1].next_indices()
     assert rollout_seed(1, 2, 3) == rollout_seed(1, 2, 3) != rollout_seed(1, 3, 3)
+
+
+def test_prompts_from_parquet_keep_every_field_for_the_rewards(hf_models, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zili.data.chat import encode_prompt, load_chat_template
+    from zili.data.tokenizer import Tokenizer
+    from zili.train.rl import read_prompts
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["2 plus 2", "3 plus 1"], "answer": ["4", "4"], "level": [1, 2]}), path)
+    tokenizer, template = Tokenizer.load(hf_models["qwen2"]), load_chat_template(hf_models["qwen2"])
+    prompts = read_prompts(str(path), tokenizer, template, use_template=True, system="be brief")
+    assert [p.fields for p in prompts] == [{"answer": "4", "level": 1}, {"answer": "4", "level": 2}]
+    assert prompts[0].text == "2 plus 2"
+    assert prompts[0].ids == encode_prompt(tokenizer, template, [{"role": "system", "content": "be brief"},
+                                                                 {"role": "user", "content": "2 plus 2"}])
+    plain = read_prompts(str(path), tokenizer, template, use_template=False, system="")
+    assert plain[1].ids == tokenizer.encode("3 plus 1")

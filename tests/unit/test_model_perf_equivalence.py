@@ -193,6 +193,7 @@ def test_row_major_grad_linear_equals_nn_linear():
             assert a.dtype == b.dtype and torch.allclose(a, b, atol=1e-5 if not bf16 else 1e-2, rtol=1e-2 * bf16)
 
 
+@pytest.mark.slow  # torch.compile of every block: ~27 s; `make test-slow`
 def test_compiled_blocks_keep_names_gradients_and_generation(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_IN_FEATURES_FOR_ROW_MAJOR_GRAD", 0)  # exercise the custom backward
     args = args_for(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=48, vocab_size=50)

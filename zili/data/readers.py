@@ -8,8 +8,9 @@ The kind comes from the file name, looking through a compression suffix (`.gz`: 
 - anything else, compressed or not (`X.txt`, `X.txt.gz`, `X.gz`, `X.zst`, ...): the whole file is one record,
   a str (UTF-8, line endings made "\\n" as Python's text mode does).
 
-`read_records(path, columns)` yields `(where, record)`, `where` naming the file and the line (`path:N`, from 1)
-or row (`path row N`, from 0) for error messages. Compressed files are decompressed as a stream, so memory
+`read_records(path, columns)` yields `(where, record)` (for Parquet the `columns`, or every column when none
+are asked for), `where` naming the file and the line (`path:N`, from 1) or row (`path row N`, from 0) for
+error messages. Compressed files are decompressed as a stream, so memory
 holds one line (jsonl), one record batch (Parquet) or one whole file (text). Every problem with the input is
 a one-line UserError naming the file: corrupt or truncated compression, invalid JSON, not UTF-8, not Parquet,
 a missing column, and a missing optional package (pyarrow, zstandard: `pip install 'zili[data]'`).
@@ -180,6 +181,7 @@ def _parquet_records(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, 
                         f"another extension") from None
     with source:
         names = source.schema_arrow.names
+        columns = columns or list(names)  # none asked for: every column
         for column in columns:
             if column not in names:
                 listed = ", ".join(repr(n) for n in names[:MAX_LISTED_COLUMNS])

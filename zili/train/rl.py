@@ -76,7 +76,7 @@ def read_prompts(spec: str, tokenizer, template, use_template: bool, system: str
     files = find_files([p.strip() for p in spec.split(",") if p.strip()])
     prompts = []
     for path in files:
-        for where, record in read_records(Path(path), ("prompt", "messages", "answer")):
+        for where, record in read_records(Path(path)):  # Parquet: every column, the rewards may read any
             if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str) or "messages" in record):
                 raise UserError(f"{where}: a prompt record needs a 'prompt' string or 'messages' — fix the record")
             fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
