@@ -77,6 +77,7 @@ def test_moe_layout_matches_single_process(zili_ranks, tiny_dataset, moe_referen
     assert moe_reference[10]["loss"] < moe_reference[1]["loss"]
 
 
+@SLOW  # ~27 s: ep 2 -> 1 -> 4 through three launches
 def test_resume_across_expert_parallel_degrees(zili_ranks, zili_cli, tiny_dataset, moe_reference, tmp_path):
     """ep=2 for steps 1-4, one process for 5-7, ep=4 (over 4 FSDP ranks) for 8-10: the same losses and routing as
     the uninterrupted single-process run, optimizer state and balancing bias included."""

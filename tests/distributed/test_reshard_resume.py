@@ -15,7 +15,8 @@ CASES = [
                  marks=pytest.mark.slow),
     pytest.param((2, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B"]),
                  (2, ["--parallelism.tp=2"]), id="pp2-interleaved-to-tp2", marks=pytest.mark.slow),
-    pytest.param((2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"]), (1, []), id="cp2-to-1"),
+    pytest.param((2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"]), (1, []), id="cp2-to-1",
+                 marks=pytest.mark.slow),
 ]
 
 
