@@ -26,19 +26,32 @@ DESCRIPTION = """zili: train large language models on any accelerator.
   zili import-hf HF_DIR RUN_DIR [--mtp-depth 1]        a Hugging Face checkpoint (Llama, Qwen2, Qwen3,
                                                        Qwen3-MoE, DeepSeek-V3) -> a zili run
   zili export-hf RUN_DIR OUT_DIR [--step N]            a zili checkpoint -> a Hugging Face model directory
+  zili checkpoint verify RUN_DIR|STEP_DIR [--quick]    check checkpoints against their manifests (exit 1 if
+                                                       any is damaged)
   zili plan --model M --chip C --count N [--tokens 15T] [layout flags] [--calibrate B.json] [--verify] [--json]
                                                        plan a run: memory, step time, MFU, days, best layouts
   zili plan --budget-chip-hours H --chip C --count N   the compute-optimal model for a budget, and its layout
+  zili report RUN_DIR [RUN_DIR ...] [--output DIR]     an HTML page of runs: charts of their metrics, overlaid,
+                                                       and their configs side by side
 
 Distributed: torchrun --nproc-per-node N -m zili train ...
+Each command's options: zili COMMAND --help
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported as zili reports every user error: one line, exit 2
+    (argparse's own prints the usage first). Sub-command parsers are of this class too."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} — see `{self.prog} --help`")
 
 
 def _train(argv: list[str]) -> None:
     from zili.config import describe, load_config, parse_overrides
     from zili.train.launch import train
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zili train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model. With no arguments: the demo (tiny model, Shakespeare, CPU-sized).",
         epilog="config keys (TOML sections, or --section.key=value overrides; defaults shown):\n" + describe(),
@@ -50,7 +63,7 @@ def _train(argv: list[str]) -> None:
 
 
 def _generate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="zili generate", description="Generate text from a trained run's checkpoint.")
+    parser = _Parser(prog="zili generate", description="Generate text from a trained run's checkpoint.")
     parser.add_argument("run_dir", help="run directory (with checkpoints/ and tokenizer/)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
@@ -69,7 +82,7 @@ def _generate(argv: list[str]) -> None:
 
 
 def _chat(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zili chat", description="Talk to a model (a run directory or a Hugging Face model directory) through "
         "its tokenizer's chat template. On a terminal: type a message, Ctrl-C ends a reply, Ctrl-D ends the chat. "
         "From a pipe or file: one user turn per line, one answer printed per turn.")
@@ -91,7 +104,7 @@ def _chat(argv: list[str]) -> None:
 
 
 def _eval(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zili eval", description="Evaluate a model (a run directory or a Hugging Face model directory). "
         "--data: loss (nats/token), perplexity and bits per byte on a prepared dataset's validation split or on a "
         "text file. --tasks: lm-evaluation-harness tasks through lm-eval's own evaluator (pip install "
@@ -158,7 +171,7 @@ def _eval(argv: list[str]) -> None:
 
 
 def _data(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="zili data", description="Prepare training data.")
+    parser = _Parser(prog="zili data", description="Prepare training data.")
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet files into token shards plus a manifest",
                           description="Tokenize files into token shards plus a manifest. Inputs by name: .jsonl "
@@ -204,7 +217,11 @@ def _data(argv: list[str]) -> None:
         from zili.data.chat import CHAT_TOKENS
         from zili.data.documents import find_files, read_documents
         from zili.data.tokenizer import train_bpe
+        from zili.fsio import check_writable
 
+        if Path(args.output).exists() and not Path(args.output).is_dir():  # checked before the training, not after
+            raise UserError(f"--output {args.output} is a file — pass a directory to write tokenizer.json into")
+        check_writable(Path(args.output), "--output")
         tokenizer = train_bpe(read_documents(find_files(args.input), args.text_key), args.vocab_size,
                               special_tokens=CHAT_TOKENS if args.chat_tokens else (),
                               individual_digits=args.split_digits)
@@ -213,7 +230,7 @@ def _data(argv: list[str]) -> None:
 
 
 def _import_hf(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="zili import-hf",
+    parser = _Parser(prog="zili import-hf",
                                      description="Convert a Hugging Face LlamaForCausalLM, Qwen2ForCausalLM, "
                                                  "Qwen3ForCausalLM, Qwen3MoeForCausalLM or DeepseekV3ForCausalLM "
                                                  "directory (config.json, *.safetensors — block-quantized FP8 "
@@ -229,7 +246,7 @@ def _import_hf(argv: list[str]) -> None:
 
 
 def _export_hf(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="zili export-hf",
+    parser = _Parser(prog="zili export-hf",
                                      description="Write a zili checkpoint (written by any number of ranks) "
                                                  "as a Hugging Face model directory that transformers loads as it is.")
     parser.add_argument("run_dir", help="run directory (checkpoints/ and tokenizer/)")
@@ -247,8 +264,46 @@ def _export_hf(argv: list[str]) -> None:
     print(f"wrote {export_hf(args.run_dir, args.out_dir, args.step, args.dtype, int(args.max_shard_gb * 1e9))}")
 
 
+def _checkpoint(argv: list[str]) -> None:
+    parser = _Parser(prog="zili checkpoint", description="Inspect a run's checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="check every checkpoint against its manifest.json",
+                            description="Check every checkpoint of a run (or one step-NNNNNNN directory) against its "
+                                        "manifest.json: each file present, with its size and sha256. Prints one line "
+                                        "per checkpoint (ok, or what is wrong); exit status 0 if all are usable, 1 if "
+                                        "any is damaged, 2 if there is no checkpoint to check. Checkpoints written "
+                                        "before manifests are reported as unverified (usable).")
+    verify.add_argument("path", help="run directory (with checkpoints/) or one checkpoint directory")
+    verify.add_argument("--quick", action="store_true", help="sizes only, no checksums (reads no file data)")
+    args = parser.parse_args(argv)
+    from zili import checkpoint
+
+    path = Path(args.path)
+    if any((path / name).is_file() for name in ("manifest.json", "meta.json", ".metadata")):
+        found, leftovers = [path], []
+    elif path.is_dir():
+        found = checkpoint.step_dirs(path)
+        root = path / "checkpoints"
+        leftovers = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    else:
+        raise UserError(f"{args.path} not found — pass a run directory or a checkpoint directory")
+    if not found:
+        raise UserError(f"no checkpoints in {path / 'checkpoints'} — pass a run directory `zili train` wrote")
+    damaged = 0
+    for step in found:
+        verdict = checkpoint.verify(step, checksums=not args.quick)
+        damaged += not verdict.usable
+        print(verdict.describe(), flush=True)
+    for leftover in leftovers:
+        print(f"{leftover.name}: an unfinished save, ignored (the next save of that step removes it)")
+    if damaged:
+        print(f"{damaged} of {len(found)} checkpoint(s) damaged: `--checkpoint.resume=auto` skips them",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def _chips(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="zili chips", description="Print the chip table (zili/chips.toml) that MFU, "
+    parser = _Parser(prog="zili chips", description="Print the chip table (zili/chips.toml) that MFU, "
                                                                      "bench and plan use.")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
@@ -265,7 +320,7 @@ def _chips(argv: list[str]) -> None:
 def _bench(argv: list[str]) -> None:
     from zili.bench.workloads import WORKLOADS
 
-    parser = argparse.ArgumentParser(prog="zili bench", description="Measure a standard training workload on this "
+    parser = _Parser(prog="zili bench", description="Measure a standard training workload on this "
                                      "device (tokens/s, TFLOP/s, MFU, peak memory, ratio to an A100-80GB), or "
                                      "compare saved results.")
     parser.add_argument("--workload", default="dense-125m", choices=list(WORKLOADS), help="default dense-125m")
@@ -295,13 +350,16 @@ def _bench(argv: list[str]) -> None:
         print(f"chart: {chart(results, Path(args.png))}")
         return
     from zili.bench.measure import run_bench
+    from zili.fsio import atomic_write_text, check_writable
 
+    if args.json_path:  # before the measurement, not after it
+        check_writable(Path(args.json_path), "--json")
     result = run_bench(args.workload, args.steps, args.warmup, args.device, args.dtype, args.batch, args.seq,
                        args.compile, args.seed, args.data)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json_path:
-        Path(args.json_path).write_text(text + "\n")
+        atomic_write_text(Path(args.json_path), text + "\n")
 
 
 def _plan(argv: list[str]) -> None:
@@ -311,7 +369,7 @@ def _plan(argv: list[str]) -> None:
     from zili.plan.report import table, to_json
     from zili.plan.spec import load_cluster, load_model, parse_count
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zili plan", description="Plan a training run before spending a chip-hour: memory per chip, step "
         "time (compute, exposed communication, pipeline bubble), MFU, tokens/s, days and chip-hours for the best "
         "parallel layouts. Layout flags left out are searched. Method and assumptions: docs/planner.md.")
@@ -378,19 +436,33 @@ def _plan(argv: list[str]) -> None:
     print(to_json(plan) if args.json else table(plan))
 
 
+def _report(argv: list[str]) -> None:
+    parser = _Parser(
+        prog="zili report", description="Write an HTML report of one or more runs into DIR: index.html with the "
+        "runs' configs side by side (differences highlighted) and PNG charts next to it — loss and val loss, "
+        "learning rate, gradient norm, tokens/s, MFU, peak memory, skipped steps, expert load and RL metrics "
+        "where logged, several runs overlaid on each chart. The directory is self-contained (the page refers to "
+        "its PNGs by relative name) and replaced as a whole.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (metrics.jsonl, config.toml)")
+    parser.add_argument("--output", default=None, metavar="DIR", help="report directory (default RUN_DIR/report "
+                        "for one run; required for several)")
+    args = parser.parse_args(argv)
+    from zili.report import write_report
+
+    out = write_report(args.run_dirs, args.output)
+    print(f"wrote {out / 'index.html'}")
+
+
 COMMANDS = {"plan": _plan, "bench": _bench, "chips": _chips, "train": _train, "generate": _generate, "chat": _chat,
             "data": _data, "eval": _eval, "import-hf": _import_hf,
-            "export-hf": _export_hf}
+            "export-hf": _export_hf, "report": _report, "checkpoint": _checkpoint}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        if not argv:
-            argv = ["train"]
-        else:
-            print(DESCRIPTION)
-            return
+    if not argv or argv[0] in ("-h", "--help"):  # bare `zili` prints the help, as git does (`zili train`: the demo)
+        print(DESCRIPTION)
+        return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r} — use one of: {', '.join(COMMANDS)} (zili --help)", file=sys.stderr)
@@ -404,6 +476,14 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         sys.exit(0)
+    except Exception as e:
+        from zili.parallel.distributed import collective_failure  # torch only once a command has imported it
+
+        line = collective_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)  # from every rank that failed: each names itself
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

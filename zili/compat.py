@@ -15,6 +15,7 @@ API only; when torch moves or changes a private name, this file is what to fix.
 - `grouped_mm`: one matrix multiply per group of rows (mixture-of-experts), public from torch 2.10.
 - `all_gather_autograd`: an all-gather along one dimension that autograd differentiates (its gradient is the
   reduce-scatter), from torch's functional collectives (context parallelism).
+- `set_default_collective_timeout`: the timeout of process groups created without one (DeviceMesh's).
 
 Differences between the torch releases in the declared range (2.9 to 2.13) are detected by feature — does the
 function take this argument, does the class have this method — not by version number, so a vendor build that
@@ -24,6 +25,7 @@ backports a feature gets it. The table of what differs is in docs/accelerators.m
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import warnings
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ import torch
 import torch.distributed
 from torch.distributed import _functional_collectives
 from torch.distributed import device_mesh as _device_mesh
+from torch.distributed import distributed_c10d as _c10d
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as _checkpoint_wrapper
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -150,6 +153,15 @@ def all_gather_autograd(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     public `torch.distributed.nn.functional.all_gather` is deprecated from 2.13), which torch.compile traces and
     which runs on gloo as on nccl."""
     return _functional_collectives.all_gather_tensor_autograd(tensor, gather_dim=dim, group=group)
+
+
+def set_default_collective_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on without one. `init_process_group`
+    takes a timeout, but `new_group`/`split_group` (which DeviceMesh calls for each mesh dimension) fall back to
+    torch's module defaults (30 min; 10 min for NCCL), read from these two module globals on every torch in the
+    range."""
+    _c10d.default_pg_timeout = timeout
+    _c10d.default_pg_nccl_timeout = timeout
 
 
 def fused_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import tomllib
 import types
 import typing
@@ -120,6 +121,8 @@ class CheckpointConfig:
     every: int = _f(0, "save every N steps (and always at the end); 0 = only at the end")
     keep: int = _f(2, "keep the newest K complete checkpoints")
     resume: str = _f("none", "'none', 'auto' (newest in run_dir) or a checkpoint directory")
+    async_save: bool = _f(False, "stage each checkpoint in host memory and write it in the background while training "
+                                 "goes on (DCP's async save; one save in flight at most)")
 
 
 @dataclass
@@ -127,6 +130,8 @@ class MetricsConfig:
     log_every: int = _f(10, "append a line to metrics.jsonl every N steps (and at the last)")
     progress: bool = _f(True, "show a progress bar on the console")
     log_sequence_ids: bool = _f(False, "add the global batch's sequence ids (`sequence_ids`) to each logged step")
+    tensorboard: bool = _f(False, "also write each logged step's numbers as TensorBoard scalars to "
+                                 "RUN_DIR/tensorboard/ (pip install 'zili[tensorboard]')")
 
 
 @dataclass
@@ -143,6 +148,12 @@ class ParallelismConfig:
     pp_stages_per_rank: int = _f(0, "pipeline stages held by each pp rank; 0 = 1 for 1F1B/GPipe, 2 for the others")
     sequence_parallel: bool = _f(True, "with tp > 1, shard norms and residuals along the sequence")
     fsdp_cpu_offload: bool = _f(False, "keep FSDP-sharded parameters, gradients and optimizer state in host memory")
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = _f(1800.0, "seconds a collective waits for the other ranks before the run stops with an "
+                                  "error naming the rank and the operation (torchrun runs; torch's default: 1800)")
 
 
 @dataclass
@@ -187,6 +198,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "metrics": MetricsConfig,
     "parallelism": ParallelismConfig,
+    "distributed": DistributedConfig,
     "moe": MoEConfig,
     "rl": RLConfig,
 }
@@ -201,6 +213,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 
@@ -241,14 +254,19 @@ def _coerce(key: str, kind: type, value, from_text: bool):
                 pass
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_text:
+            number = float(value)
+        elif from_text:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan and inf pass every `<= 0` check below: refused here, for every key
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if isinstance(value, (dict, list)):
         raise UserError(f"{key}: expected a string, got {value!r}")
     return str(value)
@@ -297,8 +315,8 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found — pass an existing TOML file to --config")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8 text
             raise UserError(f"{path}: not valid TOML ({e}) — fix the file") from None
         for section_name, table in data.items():
             if not isinstance(table, dict):
@@ -318,7 +336,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "training.steps": t.steps, "training.batch_size": t.batch_size, "training.seq_len": t.seq_len,
         "optimizer.lr": o.lr, "checkpoint.keep": c.keep, "metrics.log_every": m.log_every,
-        "training.max_skipped_steps": t.max_skipped_steps,
+        "training.max_skipped_steps": t.max_skipped_steps, "distributed.timeout_s": cfg.distributed.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -329,6 +347,8 @@ def validate(cfg: Config) -> None:
         "training.sample_tokens": t.sample_tokens, "parallelism.pp_microbatches": cfg.parallelism.pp_microbatches,
         "parallelism.pp_stages_per_rank": cfg.parallelism.pp_stages_per_rank, "optimizer.weight_decay": o.weight_decay,
         "optimizer.warmup_steps": o.warmup_steps, "optimizer.eps": o.eps, "checkpoint.every": c.every,
+        "training.mtp_loss_weight": t.mtp_loss_weight, "moe.bias_update_rate": cfg.moe.bias_update_rate,
+        "moe.aux_loss_coef": cfg.moe.aux_loss_coef,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -349,7 +369,7 @@ def validate(cfg: Config) -> None:
             f"training.micro_batch_size ({t.micro_batch_size})"
         )
     par = cfg.parallelism
-    for key in ("dp_replicate", "tp", "pp"):
+    for key in ("dp_replicate", "tp", "pp", "cp", "ep"):
         if getattr(par, key) <= 0:
             raise UserError(f"parallelism.{key} must be positive, got {getattr(par, key)}")
     if par.dp_shard == 0 or par.dp_shard < -1:
@@ -358,6 +378,8 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.model, key)
         if value is not None and value <= 0:
             raise UserError(f"model.{key} must be positive, got {value}")
+    if cfg.model.rope_theta is not None and cfg.model.rope_theta <= 0:
+        raise UserError(f"model.rope_theta must be positive, got {cfg.model.rope_theta}")
     if cfg.model.init and not cfg.model.init.startswith(("hf:", "run:")):
         raise UserError(f"model.init {cfg.model.init!r} is not understood — use '' (random), 'hf:DIR' or 'run:DIR'")
     if cfg.model.init:

@@ -12,6 +12,21 @@ import os
 import shutil
 from pathlib import Path
 
+from zili.errors import UserError
+
+
+def check_writable(path: Path, what: str) -> None:
+    """UserError naming `what` unless `path` can be created here, before any work is done: its nearest existing
+    ancestor must be a directory this process may write into (a file in the way and a read-only directory are
+    the user's to fix; both would otherwise fail, with a traceback, at the end)."""
+    path = Path(path).absolute()
+    ancestor = next(p for p in path.parents if p.exists())
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {ancestor} is a file, not a directory — pick another place")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be created: {ancestor} is not writable — pick a directory you can "
+                        "write to")
+
 
 def temp_dir_for(final: Path) -> Path:
     """A fresh (emptied) hidden directory next to `final`: `.tmp-NAME`. The same name on every process, so

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2] / "zili"
 
 # bottom first; the units of one layer may not import each other
 LAYERS = [
-    ["zili", "zili.errors", "zili.fsio"],
+    ["zili", "zili.errors"],
+    ["zili.fsio"],
     ["zili.compat", "zili.cpu"],
     ["zili.accel"],
     ["zili.kernels"],
@@ -23,7 +24,7 @@ LAYERS = [
     ["zili.interop"],
     ["zili.infer"],
     ["zili.train", "zili.eval"],
-    ["zili.bench", "zili.plan"],
+    ["zili.bench", "zili.plan", "zili.report"],
     ["zili.cli"],
     ["zili.__main__"],
 ]

@@ -20,11 +20,11 @@ def read_results(paths) -> list[dict]:
     results = []
     for path in map(Path, paths):
         try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # missing, not JSON, not UTF-8 text
             raise UserError(f"cannot read bench result {path} ({e.__class__.__name__}) — pass files written by "
                             "`zili bench --json`") from None
-        missing = [k for k in REQUIRED if k not in result]
+        missing = [k for k in REQUIRED if not isinstance(result, dict) or k not in result]
         if missing:
             raise UserError(f"{path} is not a `zili bench --json` result (no {', '.join(missing)})")
         results.append(result)

@@ -14,6 +14,7 @@ shard, `"flags": {"file": "flags-00000.bin", "sha256": hex}`: one byte per token
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,3 +82,15 @@ def read_manifest(directory: str | Path) -> dict:
             raise UserError(f"shard {shard} is {size} bytes but the manifest says {tokens} tokens "
                             f"({expected} bytes) — {REPREPARE}")
     return manifest
+
+
+def fingerprint(manifest: dict) -> str:
+    """The identity of a prepared dataset's content, from its manifest alone (nothing is read): hex sha256 of its
+    token dtype, kind, vocabulary size, EOS id and every shard's file name, token count and sha256 (and flags'
+    sha256 for a chat dataset). The same data moved or copied elsewhere has the same fingerprint; a dataset
+    prepared again from other files, or with another tokenizer, has another one. 32 hex digits."""
+    shards = [{"file": s["file"], "tokens": int(s["tokens"]), "sha256": s["sha256"],
+               "flags": (s.get("flags") or {}).get("sha256")} for s in manifest["shards"]]
+    identity = {"dtype": manifest["dtype"], "kind": manifest.get("kind", "text"),
+                "vocab_size": int(manifest["vocab_size"]), "eos_id": int(manifest["eos_id"]), "shards": shards}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]

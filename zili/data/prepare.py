@@ -39,6 +39,7 @@ from zili.data.shards import ShardWriter, dtype_name, token_dtype
 from zili.data.tokenizer import Tokenizer
 from zili.data.workers import WorkerPool, tokenize
 from zili.errors import UserError
+from zili.fsio import check_writable
 
 BATCH_CHARS = 4 << 20  # characters of text per encode_batch call in this process
 POOL_BATCH_CHARS = 1 << 20  # characters per batch sent to a worker: small, as 2 per worker are in flight
@@ -133,6 +134,7 @@ def _build(output: Path, fill, source: str) -> dict:
 def _check_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"output {output} already exists and is not empty — pick another directory or delete it")
+    check_writable(output, "output")
 
 
 def _write_into(directory: Path, documents: Iterable[str], tokenizer: Tokenizer, shard_tokens: int,

@@ -145,5 +145,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    documents = 0
+
+    def counted(texts):
+        nonlocal documents
+        for text in texts:
+            documents += bool(text)
+            yield text
+
+    hf.train_from_iterator(counted(texts), trainer=trainer)
+    if not documents:
+        raise UserError("no text to train the tokenizer on (the input is empty) — give files or jsonl lines that "
+                        "contain text")
     return Tokenizer(hf)

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
-from zili.fsio import atomic_dir
+from zili.fsio import atomic_dir, check_writable
 from zili.interop.hf import config_from_args, family_for, family_problem, hf_name, hf_names, is_stacked, mtp_copies
 from zili.interop.import_hf import model_tensors
 from zili.models.args import ModelArgs
@@ -99,6 +99,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     if not run_dir.is_dir():
         raise UserError(f"run directory {str(run_dir)!r} not found — "
                         "pass the directory `zili train` or `zili import-hf` wrote")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file — pass a directory to write the Hugging Face model into")
+    check_writable(out, "OUT_DIR")
     path = checkpoint.resolve(run_dir, step)
     meta = checkpoint.read_meta(path)
     args = ModelArgs(**meta["model"])

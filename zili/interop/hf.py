@@ -119,9 +119,12 @@ def read_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found — pass a Hugging Face model directory (config.json + *.safetensors)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8 text
         raise UserError(f"{path} is not valid JSON ({e}) — fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object — fix or re-download it")
+    return config
 
 
 def family_of(config: dict) -> str:

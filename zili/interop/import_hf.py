@@ -25,12 +25,12 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from zili import checkpoint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
-from zili.fsio import atomic_dir
+from zili.fsio import atomic_dir, check_writable
 from zili.interop.hf import args_from_config, hf_names, is_stacked, mtp_copies, read_config
 from zili.models.transformer import Transformer
 
@@ -41,13 +41,25 @@ FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5
 SCALE_SUFFIX = "_scale_inv"
 
 
+def open_weights(path: Path):
+    """`safe_open` of one safetensors file; UserError for a file safetensors cannot read (cut short, corrupt)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}) — it is cut short or corrupt: download it "
+                        "again") from None
+
+
 def weight_files(hf_dir: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     hf_dir = Path(hf_dir)
     index = hf_dir / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: hf_dir / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: hf_dir / file for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not an index
+            raise UserError(f"{index} is not a valid index ({type(e).__name__}: {e}) — fix or re-download it") from None
         for path in set(files.values()):
             if not path.is_file():
                 raise UserError(f"{path} is listed in {INDEX} but missing — download every shard")
@@ -57,7 +69,7 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
         raise UserError(f"no *.safetensors weights in {hf_dir} — zili reads safetensors checkpoints only")
     files = {}
     for path in paths:
-        with safe_open(str(path), framework="pt") as f:
+        with open_weights(path) as f:
             files.update({name: path for name in f.keys()})
     return files
 
@@ -127,7 +139,7 @@ class HFWeights:
             raise UserError(f"tensor {key!r} is missing from {self.hf_dir} — the checkpoint is incomplete or does not "
                             "match its config.json")
         region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
-        with safe_open(str(self.files[key]), framework="pt") as f:
+        with open_weights(self.files[key]) as f:
             part = f.get_slice(key)
             found = tuple(part.get_shape())
             if found != shape:  # checked from the header, before reading anything
@@ -147,7 +159,7 @@ class HFWeights:
         if scale_key not in self.files or tensor.dim() != 2:
             raise UserError(f"{key!r} is stored in {tensor.dtype} without a 2-D block scale {scale_key!r} — zili "
                             "reads block-quantized FP8 checkpoints (DeepSeek-V3's format) only")
-        with safe_open(str(self.files[scale_key]), framework="pt") as f:
+        with open_weights(self.files[scale_key]) as f:
             scale = f.get_tensor(scale_key).float()
         self.bytes_read += scale.numel() * scale.element_size()
         rows = torch.arange(offsets[0], offsets[0] + sizes[0]) // self.block[0]
@@ -193,6 +205,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, mtp_depth: int = 0) -> Pa
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory — pass a Hugging Face model directory")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file — pass a directory to write the run into")
+    check_writable(run_dir, "RUN_DIR")
     args, family = args_from_config(read_config(hf_dir))
     args.mtp_depth = mtp_depth
     args.validate()
@@ -201,8 +216,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, mtp_depth: int = 0) -> Pa
     model.to_empty(device="cpu")
     model.init_buffers()
     source_dtype = load_hf_weights(model, hf_dir)
+    copy_tokenizer(hf_dir, run_dir / "tokenizer")  # first: without tokenizer.json nothing is written
     run_dir.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(hf_dir, run_dir / "tokenizer")
     meta = {"model": args.to_dict(), "hf": {"family": family, "dtype": str(source_dtype).removeprefix("torch."),
                                             "source": str(hf_dir.resolve())}}
     return checkpoint.save_model(run_dir, 0, model, meta)

@@ -7,12 +7,16 @@ address; `init()` joins the group (gloo on CPU, nccl on CUDA/ROCm, hccl on Ascen
 
 from __future__ import annotations
 
+import datetime
 import os
+import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from zili.accel import Accelerator
+from zili.compat import set_default_collective_timeout
 
 
 def env_world_size() -> int:
@@ -20,6 +24,7 @@ def env_world_size() -> int:
 
 
 _device = torch.device("cpu")  # where collectives of small host values run (the process group's device)
+_timeout_s = 1800.0  # the collective timeout `init` set
 
 
 def group_options(accel: Accelerator, host_collectives: bool = False) -> dict:
@@ -36,14 +41,18 @@ def group_options(accel: Accelerator, host_collectives: bool = False) -> dict:
     return options
 
 
-def init(accel: Accelerator, host_collectives: bool = False) -> int:
+def init(accel: Accelerator, host_collectives: bool = False, timeout_s: float = 1800.0) -> int:
     """Join the process group if torchrun started several processes (see `group_options`); return the world
-    size."""
-    global _device
+    size. A collective that waits more than `timeout_s` seconds for a peer fails (on every group, the mesh's
+    included) instead of hanging: `collective_failure` turns the error into one line."""
+    global _device, _timeout_s
     _device = accel.device
     world_size = env_world_size()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(**group_options(accel, host_collectives))
+        _timeout_s = timeout_s
+        timeout = datetime.timedelta(seconds=timeout_s)
+        set_default_collective_timeout(timeout)
+        dist.init_process_group(**group_options(accel, host_collectives), timeout=timeout)
         # every rank past the rendezvous before any goes on: a rank that stops at once (a bad layout is reported
         # by all) must not take rank 0's store down while a peer still reads from it
         dist.barrier()
@@ -96,3 +105,37 @@ def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(values) for _ in range(dist.get_world_size())]
     dist.all_gather(out, values)
     return torch.stack(out)
+
+
+# What the backends say when a peer never answered (gloo: "Timed out waiting 3000ms for recv operation", NCCL's
+# watchdog: "Watchdog caught collective operation timeout") or went away (gloo: "Connection closed by peer",
+# "Connection reset by peer"; a store: "Broken pipe").
+_TIMED_OUT = ("timed out", "timeout")
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+
+
+def collective_failure(error: BaseException) -> str | None:
+    """One line for a collective that timed out or lost its peer — naming this rank, the torch.distributed
+    operation that waited and the zili function that called it — or None when `error` is anything else (a
+    real bug keeps its traceback). Only errors raised inside torch.distributed count."""
+    text = str(error).lower()
+    timed_out = any(k in text for k in _TIMED_OUT)
+    if not timed_out and not any(k in text for k in _PEER_GONE):
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    in_dist = [f for f in frames if f"torch{os.sep}distributed{os.sep}" in f.filename]
+    if not in_dist and not isinstance(error, dist.DistError):
+        return None
+    # the c10d function itself (all_reduce, barrier, ...) when the stack has one, else where torch.distributed began
+    ops = [f.name for f in in_dist if Path(f.filename).name in ("distributed_c10d.py", "_functional_collectives.py")
+           and not f.name.startswith("_")]
+    operation = ops[-1] if ops else in_dist[0].name if in_dist else "a collective"
+    ours = [f for f in frames if f"{os.sep}zili{os.sep}" in f.filename and f.filename != __file__]
+    where = f" in {ours[-1].name} ({Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
+    who = f"rank {rank() if dist.is_initialized() else os.environ.get('RANK', '?')}"
+    if timed_out:
+        return (f"{who}: {operation}{where} waited more than distributed.timeout_s={_timeout_s:g} s for another rank "
+                "— a rank stopped or is far behind (see the other ranks' logs); raise distributed.timeout_s if "
+                "it was only slow")
+    return (f"{who}: {operation}{where} failed: another rank went away (see its log for why) — restart from the "
+            "newest checkpoint (torchrun --max-restarts does it by itself)")

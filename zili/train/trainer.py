@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,9 +24,11 @@ import torch
 
 from zili import __version__, checkpoint
 from zili.accel import get_accelerator
+from zili.checkpoint.background import BackgroundSaver, checkpoint_group
 from zili.config import Config
 from zili.data.demo import demo_dataset
 from zili.data.loader import Loader, PackedDataset
+from zili.data.manifest import fingerprint
 from zili.data.tokenizer import Tokenizer
 from zili.errors import UserError
 from zili.fsio import atomic_dir, atomic_write_text
@@ -39,8 +42,10 @@ from zili.models.transformer import Transformer
 from zili.parallel import distributed
 from zili.parallel.apply import parallelize
 from zili.parallel.mesh import build_mesh, check_layout, dp_rank, resolve_layout
+from zili.train import faults
 from zili.train.metrics import MetricsLog
 from zili.train.optim import build_optimizer, lr_at, set_lr
+from zili.train.preemption import StopRequest
 from zili.train.step import StepResult, expert_layers, forward_backward, lm_loss, train_step
 
 
@@ -56,9 +61,17 @@ def dataset_dir(cfg: Config) -> Path:
     return path
 
 
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers (`--max-restarts`); 0 in a first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def make_run_dir(cfg: Config) -> Path:
     if cfg.training.run_dir:
         return Path(cfg.training.run_dir)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+        raise UserError("torchrun --max-restarts needs a fixed training.run_dir, where a restarted job finds its "
+                        "checkpoints — set --training.run_dir=DIR")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / stamp
 
@@ -76,7 +89,8 @@ class Trainer:
         if cfg.parallelism.fsdp_cpu_offload and self.accel.type == "cpu":
             raise UserError("parallelism.fsdp_cpu_offload moves FSDP state from an accelerator to host memory, but "
                             "this run is on the CPU already — set it to false")
-        self.world_size = distributed.init(self.accel, host_collectives=cfg.parallelism.fsdp_cpu_offload)
+        self.world_size = distributed.init(self.accel, host_collectives=cfg.parallelism.fsdp_cpu_offload,
+                                           timeout_s=cfg.distributed.timeout_s)
         self.layout = resolve_layout(cfg, self.world_size)
         self.accel.tune_for_training()
         if t.objective == "grpo":  # no token dataset: prompts (zili.train.rl) and the starting model's tokenizer
@@ -106,8 +120,13 @@ class Trainer:
                             "whole, and context parallelism splits it — set moe.aux_loss_coef=0 (the balancing bias "
                             "still balances) or cp=1")
         self.mesh = build_mesh(self.layout, self.accel.type) if self.world_size > 1 else None
+        self.saver = BackgroundSaver(checkpoint_group()) if cfg.checkpoint.async_save else None
         self.local_batch = t.batch_size // self.layout.dp
         self.run_dir = Path(distributed.broadcast_text(str(make_run_dir(cfg)), self.accel.device))
+        resume = cfg.checkpoint.resume
+        if resume not in ("none", "auto") and not (Path(resume) / ".metadata").is_file():  # before run_dir is made
+            raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — "
+                            "pass a step-NNNNNNN directory or 'auto'")
         self.loader = self._make_loader()
 
         # after every check, so that a mistake is the only line printed; the fallback warning from rank 0 only
@@ -240,24 +259,39 @@ class Trainer:
         meta = {"zili_version": __version__, "model": self.args.to_dict(), "layout": self.layout.describe()}
         if self.hf:
             meta["hf"] = self.hf  # export-hf writes the same family, in the source dtype
-        checkpoint.save(self.run_dir, self.step, self.model.parts, self.optimizers, self.trainer_state(), meta,
-                        self.cfg.checkpoint.keep)
+        if self.dataset is not None:
+            meta["data"] = self.data_identity()  # what the loader position counts; checked on resume
+        if self.saver is None:
+            checkpoint.save(self.run_dir, self.step, self.model.parts, self.optimizers, self.trainer_state(), meta,
+                            self.cfg.checkpoint.keep)
+        else:  # staged now, written while the next steps run (zili.checkpoint.background)
+            self.saver.save(self.run_dir, self.step, self.model.parts, self.optimizers, self.trainer_state(), meta,
+                            self.cfg.checkpoint.keep)
+
+    def data_identity(self) -> dict:
+        """What the loader's position counts (a checkpoint's meta.json `data`, `checkpoint.check_same_data`): the
+        dataset's content (zili.data.manifest.fingerprint) and path, training.seq_len, data.val_fraction and
+        training.seed; batch_size too, for the record (the position counts sequences, so it may change)."""
+        t = self.cfg.training
+        return {"dataset": fingerprint(self.dataset.manifest), "path": str(self.dataset.directory),
+                "seq_len": t.seq_len, "val_fraction": self.cfg.data.val_fraction, "seed": t.seed,
+                "batch_size": t.batch_size}
 
     def maybe_resume(self) -> None:
         resume = self.cfg.checkpoint.resume
+        if resume == "none" and restart_count():  # torchrun restarted the job: go on from the newest checkpoint
+            resume = "auto"
         if resume == "none":
             return
         if resume == "auto":
-            found = checkpoint.list_checkpoints(self.run_dir)
-            if not found:
+            path = checkpoint.latest(self.run_dir)  # the newest intact one, damaged ones skipped with a warning
+            if path is None:
                 return
-            path = found[-1]
         else:
-            path = Path(resume)
-            if not (path / ".metadata").is_file():
-                raise UserError(f"checkpoint.resume: {resume!r} is not a checkpoint directory — "
-                                "pass a step-NNNNNNN directory or 'auto'")
+            path = Path(resume)  # a checkpoint directory: checked in __init__
+            checkpoint.require_usable(path)
         checkpoint.check_compatible(path, self.args.to_dict())
+        checkpoint.check_same_data(path, self.data_identity() if self.dataset is not None else None)
         state = checkpoint.load(path, self.model.parts, self.optimizers, self.resume_template(path),
                                 optional=("skipped_steps",))  # checkpoints from before skipping existed
         self.step = int(state["step"])
@@ -344,26 +378,32 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
+        unwritable = None  # rank 0's reason, if it cannot create the run directory: every rank then stops below
         if distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
-            tok_dir = self.run_dir / "tokenizer"
-            if not tok_dir.exists():
-                with atomic_dir(tok_dir) as tmp:
-                    shutil.copytree(self.tokenizer_dir, tmp, dirs_exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.run_dir / "config.toml", self.cfg.to_toml())
+                tok_dir = self.run_dir / "tokenizer"
+                if not tok_dir.exists():
+                    with atomic_dir(tok_dir) as tmp:
+                        shutil.copytree(self.tokenizer_dir, tmp, dirs_exist_ok=True)
+            except OSError as e:  # a file in the way, no permission, a read-only or full filesystem
+                unwritable = (f"training.run_dir {str(self.run_dir)!r} cannot be written ({e.strerror or e}: "
+                              f"{e.filename}) — pick a directory you can write to")
         distributed.barrier()
         # every rank writes its checkpoint shards under run_dir: it must be one directory for all of them
         missing = torch.tensor(0.0 if (self.run_dir / "config.toml").is_file() else 1.0)
         if float(distributed.all_reduce(missing)):
-            raise UserError(f"training.run_dir {str(self.run_dir)!r} is not visible to every rank — put it on a "
-                            "filesystem shared by all nodes (and give an absolute path)")
+            raise UserError(unwritable or f"training.run_dir {str(self.run_dir)!r} is not visible to every rank — put "
+                            "it on a filesystem shared by all nodes (and give an absolute path)")
 
     def run(self) -> Path:
         cfg, t = self.cfg, self.cfg.training
         self.prepare_run_dir()
         self.maybe_resume()
         main = distributed.is_main()
-        log = MetricsLog(self.run_dir, t.steps, self.step, enabled=main, progress=cfg.metrics.progress)
+        log = MetricsLog(self.run_dir, t.steps, self.step, enabled=main, progress=cfg.metrics.progress,
+                         tensorboard=cfg.metrics.tensorboard)
         flops = flops_per_token(self.args, t.seq_len)
         # per-device peak from rank 0 (on CPU a measured probe: one rank measures, not all at once)
         peak_here = torch.tensor(self.accel.peak_flops(self.dtype) / 1e12 if main else 0.0)  # TFLOP/s, fp32
@@ -373,6 +413,8 @@ class Trainer:
         if self.step == 0 and t.eval_every and self.loader.n_val:
             log.write({"step": 0, "loss": None, "lr": None, "grad_norm": None, "tokens_per_s": None,
                        "mfu": None, "peak_mem_gb": None, "skipped_steps": None, **self.validation()})
+        stop = StopRequest()
+        stop.install()
         try:
             started_at = self.step
             timed_tokens, timer, overhead = 0, time.perf_counter(), 0.0  # tokens/s excludes eval and checkpoints
@@ -384,8 +426,10 @@ class Trainer:
                 self.step += 1
                 timed_tokens += tokens_per_step if result.tokens is None else result.tokens
                 log.advance()
+                faults.inject(self.step, distributed.rank())
                 last = self.step == t.steps
-                stopping = bool(t.exit_after) and self.step - started_at >= t.exit_after and not last
+                preempted = stop.agreed() and not last
+                stopping = preempted or (bool(t.exit_after) and self.step - started_at >= t.exit_after and not last)
                 if self.step % cfg.metrics.log_every == 0 or last or stopping:
                     loss_value = self._global_mean(result.loss)  # the one host sync per logged step
                     tokens_per_s = timed_tokens / (time.perf_counter() - timer - overhead)
@@ -410,13 +454,17 @@ class Trainer:
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last or stopping:
                     begin = time.perf_counter()
                     self.save()
+                    if self.saver is not None and (last or stopping):
+                        self.saver.wait()  # the run ends: its last checkpoint complete first
                     overhead += time.perf_counter() - begin
                 if stopping:
                     if main:
-                        print(f"stopping after step {self.step} (training.exit_after={t.exit_after}); "
-                              f"continue with --checkpoint.resume=auto --training.run_dir={self.run_dir}")
+                        why = "on a stop signal" if preempted else f"(training.exit_after={t.exit_after})"
+                        print(f"stopping after step {self.step} {why}; continue with --checkpoint.resume=auto "
+                              f"--training.run_dir={self.run_dir}", flush=True)
                     return self.run_dir
         finally:
+            stop.restore()
             log.close()
         return self.run_dir
 
