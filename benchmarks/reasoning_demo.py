@@ -1,7 +1,16 @@
-"""The reasoning demo (docs/post-training.md): a task from a seed, SFT of a tiny model on worked answers, then GRPO
-with an exact-answer reward — held-out accuracy after each, with binomial standard errors. Prints one JSON object.
+"""The reasoning demo (docs/post-training.md): SFT of a tiny model on a sloppy teacher's sums, then GRPO.
 
-    python benchmarks/reasoning_demo.py [--work DIR] [--seed N]        (make reasoning-demo)
+A task from a seed, SFT on the teacher's worked answers, then GRPO with an exact-answer reward — held-out accuracy
+after each, with binomial standard errors. Prints one JSON object.
+
+    python benchmarks/reasoning_demo.py [--work DIR] [--seed N] [--slip P]        (make reasoning-demo)
+
+The teacher (zili.data.arithmetic, `slip`) drops each carry it owes with probability P (0.6): its worked answers
+are right on sums without a carry and mostly wrong on the others, so the fine-tuned model imitates the mistake —
+and its greedy answer to a sum with a carry is wrong, while some of its sampled answers are right. GRPO, rewarded
+for the true sum only, has to learn what the demonstrations got wrong: reinforcement learning with a verifiable
+reward improving beyond imperfect demonstrations. `--slip 0` gives a flawless teacher (then the fine-tuned model
+is near its ceiling and GRPO has little to add; BENCHMARKS.md, "Reasoning demo").
 
 Every stage is the command a user runs (`python -m zili ...`), with the recipes configs/reasoning-demo-sft.toml
 and configs/reasoning-demo-grpo.toml: the task and tokenizer (zili.data.arithmetic), `zili data prepare --format
@@ -26,6 +35,7 @@ from zili.config import load_config
 from zili.data.arithmetic import HELDOUT_FILE, RL_FILE, SFT_FILE, TOKENIZER_DIR, write_task
 
 REPO = Path(__file__).resolve().parents[1]
+SLIP = 0.6  # the teacher's chance of dropping a carry (module doc)
 
 
 def zili(*args: str) -> float:
@@ -39,14 +49,29 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def teacher_accuracy(sft_file: Path) -> float:
+    """The share of the fine-tuning conversations whose stated sum is the true one."""
+    right = total = 0
+    for line in sft_file.read_text().splitlines():
+        user, assistant = (m["content"] for m in json.loads(line)["messages"])
+        a, b = (int(x) for x in user.removeprefix("What is ").removesuffix("?").split(" + "))
+        right += assistant.rsplit("Answer: ", 1)[1] == str(a + b)
+        total += 1
+    return right / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="directory for the task, data and runs (default: a new temp dir)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task (default 0)")
+    parser.add_argument("--slip", type=float, default=SLIP,
+                        help=f"the teacher's chance of dropping a carry it owes (default {SLIP}; 0 = flawless)")
     args = parser.parse_args()
+    if not 0 <= args.slip <= 1:
+        parser.error(f"--slip is a probability, got {args.slip}")
     work = Path(args.work or tempfile.mkdtemp(prefix="zili-reasoning-demo-"))
     started = time.perf_counter()
-    task = write_task(work / "task", seed=args.seed, digits=2)
+    task = write_task(work / "task", seed=args.seed, digits=2, slip=args.slip)
     times = {"prepare_s": zili("data", "prepare", "--format", "chat", "--input", task / SFT_FILE, "--tokenizer",
                                task / TOKENIZER_DIR, "--output", work / "sft-data")}
     times["sft_s"] = zili("train", "--config", REPO / "configs" / "reasoning-demo-sft.toml",
@@ -62,7 +87,8 @@ def main() -> None:
     se = lambda p: math.sqrt(p * (1 - p) / n)  # noqa: E731
     diff_se = math.sqrt(se(before) ** 2 + se(after) ** 2)
     print(json.dumps({
-        "task": "2-digit addition, worked answers", "heldout_prompts": n,
+        "task": "2-digit addition, worked answers", "teacher_slip": args.slip,
+        "teacher_accuracy": teacher_accuracy(task / SFT_FILE), "heldout_prompts": n,
         "accuracy_after_sft": before, "se_after_sft": se(before),
         "accuracy_after_grpo": after, "se_after_grpo": se(after),
         "gain": after - before, "gain_in_se": (after - before) / diff_se if diff_se else None,

@@ -120,3 +120,17 @@ def test_prompts_from_parquet_keep_every_field_for_the_rewards(hf_models, tmp_pa
                                                                  {"role": "user", "content": "2 plus 2"}])
     plain = read_prompts(str(path), tokenizer, template, use_template=False, system="")
     assert plain[1].ids == tokenizer.encode("3 plus 1")
+
+
+def test_batched_greedy_validation_gives_the_answers_of_one_prompt_at_a_time(hf_models, tmp_path):
+    path = tmp_path / "p.jsonl"
+    texts = [f"{a} plus 1" for a in range(7)] + ["a longer prompt than the others", "x", "another longer prompt here"]
+    path.write_text("".join(json.dumps({"prompt": t, "answer": "1"}) + "\n" for t in texts))
+    trainer = RLTrainer(load_config(None, [
+        ("training.objective", "grpo"), ("model.init", f"hf:{hf_models['qwen2']}"), ("rl.prompts", str(path)),
+        ("rl.max_new_tokens", "6"), ("training.seq_len", "64"), ("training.dtype", "fp32"),
+        ("training.run_dir", str(tmp_path / "run"))]))
+    assert len({len(p.ids) for p in trainer.prompts}) > 1  # several lengths, so several batches
+    one_by_one = trainer._sample(trainer.prompts, list(range(len(texts))), 1, greedy=True)
+    assert trainer._greedy(trainer.prompts, batch=3) == one_by_one
+    assert trainer.model.parts[0].training  # left in training mode, as _sample leaves it

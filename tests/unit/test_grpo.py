@@ -273,3 +273,42 @@ def test_gather_logprobs_gradient_matches_log_softmax():
     b = logits.clone().requires_grad_()
     torch.log_softmax(b, -1).gather(-1, tokens[..., None]).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_logprobs_and_entropy_at_a_temperature_are_those_of_the_sampled_distribution(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 9, generator=g) * 3
+    tokens = torch.randint(0, 9, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for t in (0.5, 0.7, 2.0):
+        tempered = torch.log_softmax(logits / t, -1)
+        expected = tempered.gather(-1, tokens[..., None]).squeeze(-1)
+        torch.testing.assert_close(gather_logprobs(logits, tokens, t), expected, rtol=0, atol=1e-5)
+        assert not torch.allclose(gather_logprobs(logits, tokens), expected)  # T = 1 is another policy
+        entropy = -(tempered.exp() * tempered).sum(-1).mean()
+        assert token_entropy(logits, mask, t).item() == pytest.approx(entropy.item(), abs=1e-5)
+    monkeypatch.setattr("zili.train.grpo.CPU_BLOCK_ELEMENTS", 18)  # 2 rows a block
+    torch.testing.assert_close(gather_logprobs(logits, tokens, 0.7),
+                               torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1),
+                               rtol=0, atol=1e-5)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            gather_logprobs(logits, tokens, bad)
+
+
+def test_the_rl_trainer_scores_rollouts_at_their_sampling_temperature():
+    import contextlib
+    from types import SimpleNamespace
+
+    from zili.train.rl import RLTrainer
+
+    logits = torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(3))
+    tokens = torch.tensor([[4, 0, 2]])
+    for sampled, scored in ((0.7, 0.7), (1.3, 1.3), (0.0, 1.0)):  # greedy rollouts (T = 0): plain logits
+        trainer = SimpleNamespace(cfg=SimpleNamespace(rl=SimpleNamespace(temperature=sampled)),
+                                  autocast=contextlib.nullcontext)
+        trainer.temperature = RLTrainer.temperature.fget(trainer)
+        assert trainer.temperature == scored
+        got = RLTrainer._logprobs(trainer, lambda inputs: logits, None, tokens)
+        torch.testing.assert_close(got, torch.log_softmax(logits / scored, -1).gather(-1, tokens[..., None])
+                                   .squeeze(-1), rtol=0, atol=1e-5)

@@ -76,15 +76,27 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
 def sample_group(model: Transformer, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, generator: torch.Generator, stop_ids: Iterable[int] = (),
                  early_stop: bool = True) -> list[list[int]]:
-    """`n` completions of one prompt, drawn together (rows of one batch, one KV cache): each the new ids up to
-    and including its first stop id, or `max_new_tokens` (or the model's max_seq_len) of them. Draws from
-    `generator` (CPU), so a generator seeded alike gives the same completions. `early_stop=False` runs every
-    step even when all rows have stopped (a sharded model's ranks must run as many forwards as each other)."""
+    """`n` completions of one prompt, drawn together (`sample_rows` of `n` copies of it)."""
+    return sample_rows(model, [prompt_ids] * n, max_new_tokens, temperature, top_p, generator, stop_ids, early_stop)
+
+
+@torch.no_grad()
+def sample_rows(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                top_p: float, generator: torch.Generator, stop_ids: Iterable[int] = (),
+                early_stop: bool = True) -> list[list[int]]:
+    """One completion of each of `prompts` (all of one length, so no padding), drawn together as the rows of one
+    batch with one KV cache: each the new ids up to and including its first stop id, or `max_new_tokens` (or the
+    model's max_seq_len) of them. Draws from `generator` (CPU), so a generator seeded alike gives the same
+    completions; temperature 0 is greedy. `early_stop=False` runs every step even when all rows have stopped (a
+    sharded model's ranks must run as many forwards as each other)."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("sample_rows needs prompts of one length")
+    n = len(prompts)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64)
-    budget = _budget(model, prompt_ids, max_new_tokens)
+    budget = _budget(model, prompts[0], max_new_tokens)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    cache = model.new_cache(n, len(prompt_ids) + budget, device, dtype)
-    tokens = torch.tensor([prompt_ids] * n, device=device)
+    cache = model.new_cache(n, len(prompts[0]) + budget, device, dtype)
+    tokens = torch.tensor(prompts, device=device)
     out = torch.empty(n, budget, dtype=torch.int64)
     done = torch.zeros(n, dtype=torch.bool)
     lengths = torch.full((n,), budget, dtype=torch.int64)

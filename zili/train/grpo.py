@@ -152,41 +152,56 @@ def _block_rows(logits: torch.Tensor) -> int:
     return max(1, budget // logits.shape[-1])
 
 
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _check_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(temperature)
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probabilities (B, T) fp32 of `tokens` (B, T) under `logits` (B, T, V) of any float dtype: position t's
     distribution scored at tokens[:, t] — pass the next tokens, i.e. the input shifted by one. Every id must lie
     in [0, V) (pad with any valid id and mask those positions out). Stable: logit[token] - logsumexp(logits),
     a block of rows at a time in fp32, so no fp32 copy of the whole (B, T, V) logits is made outside autograd
-    (under autograd each block's input is kept for the backward). Differentiable in `logits`."""
+    (under autograd each block's input is kept for the backward). Differentiable in `logits`.
+
+    `temperature` (> 0) scores under softmax(logits / temperature), the distribution that sampling at that
+    temperature draws from — the policy whose ratio and gradient GRPO needs (as TRL and verl do)."""
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ValueError(f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
                          f"{tuple(tokens.shape)}")
+    temperature = _check_temperature(temperature)
     flat = logits.reshape(-1, logits.shape[-1])
     ids = tokens.reshape(-1, 1).long()
     rows = _block_rows(logits)
     parts = []
     for i in range(0, flat.shape[0], rows):
         block = flat[i : i + rows].float()
+        if temperature != 1.0:
+            block = block / temperature
         parts.append(block.gather(1, ids[i : i + rows]).squeeze(1) - torch.logsumexp(block, dim=-1))
     out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
     return out.view(tokens.shape)
 
 
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean entropy (0-dim fp32 tensor, nats) of the next-token distributions of `logits` (B, T, V) over the
     positions where `mask` (B, T) is True: H = -Σ_v p_v log p_v with log p = log_softmax, which is stable for
     any logits. Only counted rows are read, a block at a time, so the fp32 temporaries stay a block in size —
     far below one extra (B, T, V) tensor. 0 when no position counts. Differentiable; call it under
-    torch.no_grad() for a metric."""
+    torch.no_grad() for a metric. `temperature` (> 0): the entropy of softmax(logits / temperature), the
+    distribution sampled at that temperature."""
     if logits.dim() != 3 or mask.shape != logits.shape[:2]:
         raise ValueError(f"expected logits (B, T, V) and mask (B, T), got {tuple(logits.shape)} and "
                          f"{tuple(mask.shape)}")
+    temperature = _check_temperature(temperature)
     flat = logits.reshape(-1, logits.shape[-1])
     kept = mask.reshape(-1).bool().nonzero().squeeze(1)  # one host sync, for the row count
     rows = _block_rows(logits)
     floor = torch.finfo(torch.float32).min  # a -inf logit (a banned token) has p = 0: 0 * floor is 0, not NaN
     total = flat.new_zeros((), dtype=torch.float32)
     for i in range(0, kept.numel(), rows):
-        logp = torch.log_softmax(flat.index_select(0, kept[i : i + rows]).float(), dim=-1).clamp(min=floor)
+        logp = torch.log_softmax(flat.index_select(0, kept[i : i + rows]).float() / temperature,
+                                 dim=-1).clamp(min=floor)
         total = total - (logp.exp() * logp).sum()
     return total / max(1, kept.numel())
