@@ -1,7 +1,7 @@
 """Chaos: kill a training run with SIGKILL at random moments — during steps and during checkpoint writes — resume
 it each time, and compare its final weights with an uninterrupted run's. Prints one JSON object.
 
-    python benchmarks/chaos.py [--kills 12] [--steps 150] [--seed 0] [--work DIR]
+    python benchmarks/chaos.py [--kills 12] [--steps 300] [--seed 0] [--work DIR]
 
 Both runs are `python -m zili train` on the same tiny model and corpus (fp32 on the CPU, one process, a
 checkpoint every 5 steps, the demo corpus). The peer is the uninterrupted run, measured in the same session.
@@ -67,7 +67,8 @@ def chaotic_run(run_dir: Path, steps: int, kills: int, rng: random.Random, env: 
     while True:
         attempts += 1
         start = last_step(run_dir)
-        resumed_from.append(start)
+        newest = list_checkpoints(run_dir)
+        resumed_from.append(int(newest[-1].name.removeprefix("step-")) if newest else 0)
         proc = subprocess.Popen(command(run_dir, steps), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         if done < kills:
@@ -88,7 +89,7 @@ def chaotic_run(run_dir: Path, steps: int, kills: int, rng: random.Random, env: 
         _, err = proc.communicate()
         if proc.returncode == 0:
             return {"kills": done, "kills_during_checkpoint_write": during_write, "starts": attempts,
-                    "resumed_from_steps": resumed_from}
+                    "checkpoint_step_at_each_start": resumed_from}
         if proc.returncode != -signal.SIGKILL:
             raise SystemExit(f"the chaotic run failed by itself (exit {proc.returncode}):\n{err[-3000:]}")
 
@@ -108,7 +109,7 @@ def final_weights_equal(a: Path, b: Path) -> tuple[bool, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish (default 12)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps of both runs (default 150)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of both runs (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     parser.add_argument("--work", default=None, help="directory for the two runs (default: a new temp dir)")
     args = parser.parse_args()

@@ -28,7 +28,8 @@ LAYOUTS = [
     pytest.param(4, ["--parallelism.ep=2", "--parallelism.dp_shard=2", "--parallelism.dp_replicate=2"],
                  id="ep2-x-hsdp", marks=SLOW),
     pytest.param(4, ["--parallelism.ep=2", "--parallelism.tp=2"], id="ep2-x-tp2", marks=SLOW),
-    pytest.param(4, ["--parallelism.ep=2", "--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"], id="ep2-x-pp2"),
+    pytest.param(4, ["--parallelism.ep=2", "--parallelism.pp=2", "--parallelism.pp_schedule=1F1B"], id="ep2-x-pp2",
+                 marks=SLOW),
     pytest.param(2, ["--parallelism.dp_shard=2"], id="fsdp2-ep1", marks=SLOW),
     pytest.param(2, ["--parallelism.ep=2", "--training.activation_checkpointing=true"], id="ep2-recompute", marks=SLOW),
 ]

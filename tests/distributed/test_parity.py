@@ -18,7 +18,7 @@ LAYOUTS = [
     pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=Interleaved1F1B"], id="pp2-interleaved1f1b"),
     pytest.param(2, 4, ["--parallelism.pp=2", "--parallelism.pp_schedule=InterleavedZeroBubble"], id="pp2-zero-bubble",
                  marks=SLOW),
-    pytest.param(4, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2"], id="hsdp-2x2"),
+    pytest.param(4, 2, ["--parallelism.dp_replicate=2", "--parallelism.dp_shard=2"], id="hsdp-2x2", marks=SLOW),
     pytest.param(4, 4, ["--parallelism.dp_shard=2", "--parallelism.tp=2"], id="fsdp2-x-tp2", marks=SLOW),
     # context parallelism: each sequence of 32 tokens in 4 chunks, 2 per rank (zili/parallel/context_parallel.py)
     pytest.param(2, 2, ["--parallelism.cp=2", "--parallelism.dp_shard=1"], id="cp2"),
