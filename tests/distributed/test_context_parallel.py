@@ -4,6 +4,8 @@ cp2 x fsdp2) are in test_parity.py, cp 2 -> 1 resuming in test_reshard_resume.py
 
 from __future__ import annotations
 
+import pytest
+
 from tests.distributed.conftest import PARITY, check_ok, read_records
 from tests.distributed.test_parity import check_parity
 
@@ -13,6 +15,7 @@ MLA = ["--model.n_layers=2", "--model.attention=mla", "--model.n_kv_heads=4", "-
        "--model.v_head_dim=16"]
 
 
+@pytest.mark.slow  # ~15 s; dense cp2 parity stays in the default run (test_parity.py)
 def test_mla_at_cp2_matches_single_process(zili_ranks, zili_cli, tiny_dataset, tmp_path):
     common = [*PARITY, f"--data.dataset={tiny_dataset}", *MLA]
     proc = zili_cli("train", *common, f"--training.run_dir={tmp_path / 'one'}")

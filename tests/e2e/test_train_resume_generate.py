@@ -13,6 +13,8 @@ def losses(run_dir):
     return {r["step"]: (r["loss"], r.get("val_loss")) for r in records}
 
 
+@pytest.mark.slow  # ~20 s; exact resume stays in the default run: tests/e2e/test_checkpoint_verify.py (bit-equal
+# weights after a resume), tests/distributed/test_fault_tolerance.py (2 ranks, stop signal, losses)
 def test_interrupted_run_resumes_with_identical_losses(zili_cli, tiny_dataset, tmp_path):
     common = [*TINY_MODEL, f"--data.dataset={tiny_dataset}", "--training.steps=40", "--metrics.log_every=1",
               "--training.eval_every=10", "--checkpoint.every=10", "--checkpoint.keep=2"]
