@@ -133,6 +133,10 @@ def collective_failure(error: BaseException) -> str | None:
     ours = [f for f in frames if f"{os.sep}zili{os.sep}" in f.filename and f.filename != __file__]
     where = f" in {ours[-1].name} ({Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
     who = f"rank {rank() if dist.is_initialized() else os.environ.get('RANK', '?')}"
+    if "connection refused" in text:  # nobody listening where the store said a peer would be
+        return (f"{who}: {operation}{where} could not connect to another rank (connection refused) — check that "
+                "every rank runs and that MASTER_ADDR/port are reachable; after a torchrun restart, launch with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/multi-node.md)")
     if timed_out:
         return (f"{who}: {operation}{where} waited more than distributed.timeout_s={_timeout_s:g} s for another rank "
                 "— a rank stopped or is far behind (see the other ranks' logs); raise distributed.timeout_s if "
