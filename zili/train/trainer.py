@@ -431,7 +431,7 @@ class Trainer:
                 preempted = stop.agreed() and not last
                 stopping = preempted or (bool(t.exit_after) and self.step - started_at >= t.exit_after and not last)
                 if self.step % cfg.metrics.log_every == 0 or last or stopping:
-                    loss_value = self._global_mean(result.loss)  # the one host sync per logged step
+                    loss_value = self._global_mean(result.loss)  # host sync (and stop.agreed, each step under torchrun)
                     tokens_per_s = timed_tokens / (time.perf_counter() - timer - overhead)
                     peak_mem = float(distributed.all_reduce(torch.tensor(self.accel.peak_memory_gb()), op="max"))
                     record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(result.grad_norm),
